@@ -1,0 +1,121 @@
+"""
+configurator.py: how every script here reads its settings.
+
+Each script keeps its settings as plain globals at the top of the file, then calls
+
+    overridden = configure(globals(), sys.argv[1:])
+
+which applies, in order, any config files (plain `key = value` assignments) and `--key=value` flags:
+
+    python train.py --n_layer=6 --learning_rate=1e-3
+    python train.py my_config.py --max_iters=100
+
+Values are Python literals, checked against the type of the default (an int may stand for a float; a string
+setting takes the text as written). A mistake ends the program with one line that says what to change, never a
+traceback: every user-facing error in this project is a `SystemExit("error: ...")`.
+"""
+
+import ast
+import difflib
+import os
+import sys
+
+
+def setting_names(settings):
+    """The globals that count as settings: public, not ALL_CAPS constants, holding a bool, int, float or str."""
+    return [k for k, v in settings.items()
+            if not k.startswith("_") and not k.isupper() and isinstance(v, (bool, int, float, str))]
+
+
+def parse_value(key, text, default):
+    """Turn the text of `--key=text` into a value of the default's type, or exit with a one-line error."""
+    if isinstance(default, str):
+        return text  # strings are taken as written: --device=cpu, --out_dir=runs/a
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        raise SystemExit(f"error: --{key}={text} is not a Python literal; give a value like --{key}={default!r}")
+    return check_type(key, value, default)
+
+
+def check_type(key, value, default):
+    if isinstance(default, bool) != isinstance(value, bool):  # bool is an int in Python: keep them apart
+        raise SystemExit(f"error: --{key} must be {type(default).__name__} (like {default!r}), got {value!r}")
+    if isinstance(default, float) and isinstance(value, int):
+        return float(value)  # --learning_rate=1 means 1.0
+    if type(value) is not type(default):
+        raise SystemExit(f"error: --{key} must be {type(default).__name__} (like {default!r}), "
+                         f"got {type(value).__name__} {value!r}")
+    return value
+
+
+def unknown_key_error(key, known):
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean --{close[0]}?)" if close else ""
+    return SystemExit(f"error: unknown setting --{key}{hint}; known settings: {', '.join(sorted(known))}")
+
+
+def read_config_file(path, known):
+    """A config file holds plain assignments of literals, one per line: `n_layer = 6`."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: config file {path} not found (settings are given as --key=value)")
+    with open(path, encoding="utf-8") as f:
+        source = f.read()
+    try:
+        tree = ast.parse(source, filename=path)
+    except SyntaxError as e:
+        raise SystemExit(f"error: {path} line {e.lineno}: not valid Python ({e.msg})")
+    pairs = []
+    for node in tree.body:
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+            raise SystemExit(f"error: {path} line {node.lineno}: only plain `key = value` assignments are allowed")
+        key = node.targets[0].id
+        if key not in known:
+            raise unknown_key_error(key, known)
+        try:
+            pairs.append((key, ast.literal_eval(node.value)))
+        except ValueError:
+            raise SystemExit(f"error: {path} line {node.lineno}: the value of {key} must be a literal (a number, string or bool)")
+    return pairs
+
+
+def configure(settings, args):
+    """Apply config files and --key=value overrides to `settings` (a script's globals()); return the keys set."""
+    known = setting_names(settings)
+    if any(a in ("-h", "--help") for a in args):
+        print((settings.get("__doc__") or "").strip(), "\nsettings:", file=sys.stderr)
+        for k in known:
+            print(f"  --{k}={settings[k]!r}", file=sys.stderr)
+        raise SystemExit(0)
+    overridden = set()
+    for arg in args:
+        if not arg.startswith("--"):  # a config file
+            for key, value in read_config_file(arg, known):
+                settings[key] = check_type(key, value, settings[key])
+                overridden.add(key)
+            continue
+        key, eq, text = arg[2:].partition("=")
+        if not eq:
+            raise SystemExit(f"error: {arg} needs a value: write --{key}=VALUE")
+        if key not in known:
+            raise unknown_key_error(key, known)
+        settings[key] = parse_value(key, text, settings[key])
+        overridden.add(key)
+    return overridden
+
+
+def pick_device(device):
+    """'auto' -> cuda, then mps, then cpu; anything else must name a device this machine has."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise SystemExit(f"error: --device={device} is not a device; use auto, cpu, cuda, cuda:N or mps")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device={device} but this machine has no CUDA GPU; use --device=auto or cpu")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit(f"error: --device={device} but MPS is not available here; use --device=auto or cpu")
+    return device

@@ -1,0 +1,85 @@
+import pytest
+
+import configurator
+
+
+def settings():
+    return {"n_layer": 4, "learning_rate": 1e-3, "compile": False, "device": "auto", "MAX": 3, "_private": 1}
+
+
+def test_overrides_are_parsed_as_literals_of_the_default_type():
+    s = settings()
+    changed = configurator.configure(s, ["--n_layer=6", "--learning_rate=3e-4", "--compile=True", "--device=cpu"])
+    assert s["n_layer"] == 6 and s["learning_rate"] == 3e-4 and s["compile"] is True and s["device"] == "cpu"
+    assert changed == {"n_layer", "learning_rate", "compile", "device"}
+
+
+def test_an_int_may_stand_for_a_float():
+    s = settings()
+    configurator.configure(s, ["--learning_rate=1"])
+    assert s["learning_rate"] == 1.0 and isinstance(s["learning_rate"], float)
+
+
+@pytest.mark.parametrize("arg", ["--n_layer=6.5", "--n_layer=True", "--compile=1", "--learning_rate='fast'"])
+def test_a_value_of_the_wrong_type_is_an_error(arg):
+    with pytest.raises(SystemExit, match="error: --.* must be"):
+        configurator.configure(settings(), [arg])
+
+
+def test_an_unknown_key_is_an_error_that_lists_the_known_keys():
+    with pytest.raises(SystemExit) as e:
+        configurator.configure(settings(), ["--n_layers=6"])
+    message = str(e.value)
+    assert "unknown setting --n_layers" in message and "did you mean --n_layer?" in message
+    assert "compile, device, learning_rate, n_layer" in message
+    assert "MAX" not in message and "_private" not in message  # constants and private names are not settings
+
+
+@pytest.mark.parametrize("arg", ["--n_layer=six", "--learning_rate=1e-3x", "--n_layer="])
+def test_a_bad_literal_is_an_error(arg):
+    with pytest.raises(SystemExit, match="is not a Python literal"):
+        configurator.configure(settings(), [arg])
+
+
+def test_a_flag_without_a_value_is_an_error():
+    with pytest.raises(SystemExit, match="needs a value"):
+        configurator.configure(settings(), ["--n_layer"])
+
+
+def test_a_config_file_of_assignments_applies_before_later_flags(tmp_path):
+    path = tmp_path / "cfg.py"
+    path.write_text("# a run\nn_layer = 8\nlearning_rate = 2\n", encoding="utf-8")
+    s = settings()
+    configurator.configure(s, [str(path), "--n_layer=2"])
+    assert s["n_layer"] == 2 and s["learning_rate"] == 2.0
+
+
+@pytest.mark.parametrize("body, message", [
+    ("import os\n", "only plain `key = value`"),
+    ("n_layer = 2 + x\n", "must be a literal"),
+    ("n_layers = 2\n", "unknown setting --n_layers"),
+    ("n_layer = 'deep'\n", "must be int"),
+    ("n_layer = (\n", "not valid Python"),
+])
+def test_a_bad_config_file_is_an_error(tmp_path, body, message):
+    path = tmp_path / "cfg.py"
+    path.write_text(body, encoding="utf-8")
+    with pytest.raises(SystemExit, match=message.replace("(", r"\(")):
+        configurator.configure(settings(), [str(path)])
+
+
+def test_a_missing_config_file_is_an_error():
+    with pytest.raises(SystemExit, match="config file nope.py not found"):
+        configurator.configure(settings(), ["nope.py"])
+
+
+def test_unavailable_devices_are_refused():
+    import torch
+
+    assert configurator.pick_device("cpu") == "cpu"
+    assert configurator.pick_device("auto") in ("cuda", "mps", "cpu")
+    with pytest.raises(SystemExit, match="not a device"):
+        configurator.pick_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="no CUDA GPU"):
+            configurator.pick_device("cuda")
