@@ -1,0 +1,43 @@
+"""Shared test helpers: the project root on sys.path, a small corpus, and a way to run the scripts."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+SHAKESPEARE = os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare", "input.txt")
+
+
+def run_script(script, *args, cwd, timeout=300, env=None):
+    """Run one of the project's scripts in a fresh Python, as a user would; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def small_text(n_lines=400):
+    """A deterministic, mildly repetitive English-like text of a few tens of kilobytes."""
+    words = "the king and queen of the land spoke to their people about bread wine and war".split()
+    lines = []
+    for i in range(n_lines):
+        line = " ".join(words[(i * 7 + j * 3) % len(words)] for j in range(8 + i % 5))
+        lines.append(line.capitalize() + ("." if i % 3 else "!"))
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A working directory holding input.txt with small_text()."""
+    (tmp_path / "input.txt").write_text(small_text(), encoding="utf-8")
+    return tmp_path
+
+
+def one_error_line(result):
+    """Assert a script failed with exactly one line on stderr that starts with 'error:'; return that line."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]

@@ -1,0 +1,98 @@
+import json
+import os
+
+import numpy as np
+import pytest
+
+import prepare
+from conftest import one_error_line, run_script, small_text
+from tokenizer import CharTokenizer, from_dict
+
+
+def test_char_tokenizer_round_trips_any_text_including_non_ascii():
+    text = "Hello, wörld! Ça va? 日本語 🙂 tabs\tand\nnewlines"
+    tok = CharTokenizer.train(text)
+    assert tok.decode(tok.encode(text)) == text
+    assert list(tok.chars) == sorted(set(text))  # the vocabulary is the sorted set of characters
+    assert from_dict(json.loads(json.dumps(tok.to_dict()))).encode(text) == tok.encode(text)
+
+
+def test_char_tokenizer_names_unknown_characters():
+    tok = CharTokenizer.train("abc")
+    with pytest.raises(SystemExit, match="outside this model's vocabulary: 'x' 'é'"):
+        tok.encode("abxé")
+
+
+def test_prepare_writes_uint16_splits_and_metadata(tmp_path):
+    text = small_text() + "Ünïcödé ✓ 日本\n"
+    (tmp_path / "book.txt").write_text(text, encoding="utf-8")
+    out = tmp_path / "data"
+    prepare.prepare(input=str(tmp_path / "book.txt"), data_dir=str(out))
+
+    meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+    train = np.fromfile(out / "train.bin", dtype=np.uint16)
+    val = np.fromfile(out / "val.bin", dtype=np.uint16)
+    assert meta["vocab_size"] == len(set(text))
+    assert (meta["train_tokens"], meta["val_tokens"]) == (len(train), len(val)) == (int(len(text) * 0.9),
+                                                                                  len(text) - int(len(text) * 0.9))
+    assert meta["source_sha256"] == __import__("hashlib").sha256(text.encode("utf-8")).hexdigest()
+    tok = from_dict(meta["tokenizer"])
+    assert tok.decode(train.tolist()) + tok.decode(val.tolist()) == text  # nothing lost, nothing added
+
+
+def test_prepare_downloads_nothing_when_input_txt_exists(corpus):
+    result = run_script("prepare.py", cwd=corpus)
+    assert result.returncode == 0, result.stderr
+    assert "downloading" not in result.stderr
+    assert (corpus / "data" / "char" / "train.bin").exists()
+
+
+def test_offline_download_failure_says_how_to_provide_text(tmp_path, monkeypatch):
+    import requests
+
+    def offline(*args, **kwargs):
+        raise requests.ConnectionError("no network")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(requests, "get", offline)
+    with pytest.raises(SystemExit, match=r"could not download .*put a UTF-8 text file at input.txt or pass --input=FILE"):
+        prepare.prepare()
+    assert not (tmp_path / "input.txt").exists()
+
+
+def test_a_download_with_the_wrong_checksum_is_refused(tmp_path, monkeypatch):
+    import requests
+
+    class Fake:
+        content = b"not shakespeare"
+
+        def raise_for_status(self):
+            pass
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(requests, "get", lambda *a, **k: Fake())
+    with pytest.raises(SystemExit, match="sha256 mismatch"):
+        prepare.prepare()
+    assert not (tmp_path / "input.txt").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "input file missing.txt not found"),
+    (b"", "is empty"),
+    (b"  \n\t\n", "is empty"),
+    (b"caf\xe9 au lait, " * 10, "is not UTF-8 text"),
+    (b"ab", "too short"),
+])
+def test_bad_input_gives_one_clear_line(tmp_path, content, message):
+    name = "missing.txt" if content is None else "bad.txt"
+    if content is not None:
+        (tmp_path / name).write_bytes(content)
+    result = run_script("prepare.py", f"--input={name}", cwd=tmp_path)
+    assert message in one_error_line(result)
+
+
+def test_a_vocabulary_beyond_uint16_is_refused(tmp_path):
+    text = "".join(chr(c) for c in range(0x4E00, 0x4E00 + 70000) if not 0xD800 <= c < 0xE000)
+    (tmp_path / "big.txt").write_text(text, encoding="utf-8")
+    with pytest.raises(SystemExit, match="more than uint16 can hold"):
+        prepare.prepare(input=str(tmp_path / "big.txt"), data_dir=str(tmp_path / "data"))
