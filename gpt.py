@@ -1,0 +1,247 @@
+"""
+gpt.py: a GPT language model in one file, the next step after bigram.py.
+
+bigram.py predicts the next token from the current one alone. A GPT lets every position look back at all the
+positions before it (causal self-attention), mixes what it gathered through a small MLP, and stacks that block
+n_layer times. The architecture and initialisation are GPT-2's, so the same code trains a 0.8M-parameter
+Shakespeare model on a laptop and holds OpenAI's 124M to 1.5B-parameter weights.
+
+    python gpt.py        # parameter counts of the GPT-2 sizes, component by component
+
+Used by train.py (training) and generate.py (sampling); importing it has no side effects.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 256  # the longest context the model sees (positions 0..block_size-1)
+    vocab_size: int = 65  # number of distinct tokens
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # attention heads per block; n_embd must divide evenly among them
+    n_embd: int = 128  # width of the residual stream
+    dropout: float = 0.0  # probability of zeroing activations during training (0 for small data is often best)
+    bias: bool = True  # biases in Linear layers and LayerNorms, as in GPT-2
+
+
+# -----------------------------------------------------------------------------
+# The three parts of a transformer block
+
+
+class CausalSelfAttention(nn.Module):
+    """Every position gathers information from itself and the positions before it, in n_head ways at once."""
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be a multiple of n_head"
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # query, key, value in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)  # mixes the heads back together
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cache=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if cache is not None:  # generation: remember this step's keys and values, attend over all so far
+            k, v = cache.append(k, v)  # (B, nh, T_past + T, hs)
+        # softmax(q @ k^T / sqrt(hs)) @ v: (B, nh, T, hs) @ (B, nh, hs, Tk) -> (B, nh, T, Tk) @ (B, nh, Tk, hs)
+        # is_causal masks the future; a single new query (T == 1) comes after every cached key, so needs no mask
+        dropout = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=T > 1)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again: (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    """Each position thinks on its own about what attention gathered: expand 4x, GELU, project back."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm residual block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache=None):
+        x = x + self.attn(self.ln_1(x), cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+# -----------------------------------------------------------------------------
+# The key/value cache for generation
+
+
+class KVCache:
+    """One layer's keys and values for the positions seen so far, so each new token costs one position, not T."""
+
+    def __init__(self, batch_size, n_head, max_len, head_size, device, dtype):
+        self.k = torch.zeros(batch_size, n_head, max_len, head_size, device=device, dtype=dtype)
+        self.v = torch.zeros(batch_size, n_head, max_len, head_size, device=device, dtype=dtype)
+        self.len = 0  # positions filled
+
+    def append(self, k, v):  # k, v: (B, nh, T, hs)
+        T = k.size(2)
+        assert self.len == 0 or T == 1, "fill an empty cache with the prompt, then add one token at a time"
+        assert self.len + T <= self.k.size(2), "the cache is full: start a new one from the last tokens"
+        self.k[:, :, self.len : self.len + T] = k
+        self.v[:, :, self.len : self.len + T] = v
+        self.len += T
+        return self.k[:, :, : self.len], self.v[:, :, : self.len]
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding: what each token is
+            wpe=nn.Embedding(config.block_size, config.n_embd),  # position embedding: where it is
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied: reading a token and writing it share one table
+
+        # GPT-2's initialisation: N(0, 0.02) everywhere, zero biases, and the projections that write into the
+        # residual stream scaled down by 1/sqrt(2 * n_layer) so that the stream's variance does not grow with depth
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self, non_embedding=False):
+        """Parameters counted once (the tied lm_head is wte); non_embedding leaves out the position table."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def hidden(self, idx, cache=None):
+        """The final hidden state of every position: (B, T) token ids -> (B, T, C)."""
+        B, T = idx.size()
+        start = cache[0].len if cache else 0  # with a cache, idx continues where the cache left off
+        assert start + T <= self.config.block_size, f"{start + T} positions, but block_size is {self.config.block_size}"
+        pos = torch.arange(start, start + T, device=idx.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cache[i] if cache else None)
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx, targets=None, cache=None):
+        """(B, T) ids -> logits (B, T, vocab_size), and the mean cross-entropy against (B, T) targets if given."""
+        logits = self.lm_head(self.hidden(idx, cache))  # (B, T, V)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def new_cache(self, batch_size):
+        """An empty key/value cache per layer, for generating `batch_size` sequences at once."""
+        c = self.config
+        p = self.lm_head.weight
+        return [KVCache(batch_size, c.n_head, c.block_size, c.n_embd // c.n_head, p.device, p.dtype)
+                for _ in range(c.n_layer)]
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: plain dicts of tensors and Python literals, readable with torch.load(weights_only=True)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a checkpoint written by train.py without running any pickled code; one-line errors otherwise."""
+    import pickle
+    import os
+
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: no checkpoint at {path}; train one with `python train.py` or pass its path")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise SystemExit(f"error: refusing to load {path}: it holds pickled Python objects, not just tensors "
+                         f"and plain values ({first[:120]}); only load checkpoints from sources you trust")
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise SystemExit(f"error: {path} is not a readable checkpoint (truncated or corrupted?): {str(e)[:120]}")
+    missing = [k for k in ("model", "model_config", "tokenizer") if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise SystemExit(f"error: {path} is not a gpt-from-scratch checkpoint (missing {', '.join(missing)})")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, path="the checkpoint"):
+    """Build the GPT a checkpoint describes and load its weights."""
+    try:
+        model = GPT(GPTConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, RuntimeError, AssertionError) as e:
+        raise SystemExit(f"error: {path} does not match its own model_config ({str(e).splitlines()[0][:160]})")
+    return model
+
+
+# -----------------------------------------------------------------------------
+# `python gpt.py`: where the parameters of the GPT-2 family live
+
+GPT2_SIZES = {  # published shapes; all use vocab_size 50257 and block_size 1024
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+}
+
+
+def parameter_table(config):
+    """(component, parameter count) rows computed from the shapes alone, with the total last."""
+    C, V, L = config.n_embd, config.vocab_size, config.n_layer
+    b = 1 if config.bias else 0
+    rows = [
+        ("token embedding wte (tied with lm_head)", V * C),
+        ("position embedding wpe", config.block_size * C),
+        (f"attention: c_attn + c_proj, x{L}", L * (C * 3 * C + 3 * C * b + C * C + C * b)),
+        (f"MLP: c_fc + c_proj, x{L}", L * (C * 4 * C + 4 * C * b + 4 * C * C + C * b)),
+        (f"LayerNorms ln_1 + ln_2, x{L}", L * 2 * (C + C * b)),
+        ("final LayerNorm ln_f", C + C * b),
+    ]
+    return rows + [("total", sum(n for _, n in rows))]
+
+
+if __name__ == "__main__":
+    for name, shape in GPT2_SIZES.items():
+        config = GPTConfig(vocab_size=50257, block_size=1024, **shape)
+        print(f"{name}: {shape}")
+        for component, n in parameter_table(config):
+            print(f"  {component:42s} {n:>15,}")
+        print()
