@@ -1,0 +1,158 @@
+"""
+generate.py: sample text from a checkpoint that train.py wrote.
+
+    python generate.py                                             # 500 characters from out/best.pt
+    python generate.py --prompt="ROMEO:" --num_samples=3 --max_new_tokens=200
+    python generate.py --prompt=FILE:prompt.txt --temperature=0   # greedy: always the most likely token
+    python generate.py --top_k=40 --top_p=0.9 --seed=7
+
+The checkpoint holds everything needed (weights, model shape, tokenizer). Text streams to stdout as it is made;
+the speed goes to stderr. Each new token is one forward pass over one position, thanks to the key/value cache in
+gpt.py; `--kv_cache=False` recomputes the whole context every step instead (same tokens, much slower).
+"""
+
+import codecs
+import sys
+import time
+
+import torch
+from torch.nn import functional as F
+
+import configurator
+import tokenizer as tokenizers
+from gpt import load_checkpoint, model_from_checkpoint
+
+# -----------------------------------------------------------------------------
+init_from = "out/best.pt"  # the checkpoint to sample from
+prompt = "\n"  # text to continue, or FILE:path to read it from a file
+num_samples = 1  # independent samples, generated together as one batch
+max_new_tokens = 500  # tokens to generate per sample
+temperature = 0.8  # < 1 sharpens the distribution, > 1 flattens it; 0 always takes the most likely token
+top_k = 0  # sample only among the k most likely tokens (0: all)
+top_p = 1.0  # sample only among the most likely tokens whose probabilities add up to p (1.0: all)
+seed = 1337  # the same seed, checkpoint and settings give the same text
+kv_cache = True  # reuse the keys and values of earlier positions
+device = "auto"  # 'auto' (cuda, then mps, then cpu), or 'cpu', 'cuda', 'mps'
+# -----------------------------------------------------------------------------
+
+
+def next_token_probs(logits, temperature=1.0, top_k=0, top_p=1.0):
+    """Logits (B, V) -> the distribution (B, V) to sample the next token from, after temperature, top-k, top-p."""
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.size(-1):  # keep exactly the k largest logits
+        values, indices = torch.topk(logits, top_k, dim=-1)
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, indices, values)
+    probs = F.softmax(logits, dim=-1)
+    if top_p < 1.0:  # keep the smallest set of most likely tokens whose probabilities reach top_p
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        above = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # the mass ranked above each token
+        sorted_probs[above >= top_p] = 0.0  # the most likely token always stays: nothing is above it
+        sorted_probs /= sorted_probs.sum(dim=-1, keepdim=True)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return probs
+
+
+def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """The next token (B, 1) for each row of logits (B, V): the most likely one if temperature is 0, else drawn."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    return torch.multinomial(next_token_probs(logits, temperature, top_k, top_p), 1, generator=generator)
+
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, generator=None, kv_cache=True):
+    """Yield the next token of every sequence, (B,), max_new_tokens times, continuing the prompts idx (B, T).
+
+    The model sees at most block_size positions. When the context outgrows them, we keep its last 3/4 and
+    start again from position 0 (the positions it was trained on), re-reading those tokens in one batched pass;
+    the cache then fills again for block_size/4 more tokens. (A rolling window would leave every cached key
+    encoded for a position it no longer has.) With kv_cache=False every step recomputes that same context in
+    full, so both paths see exactly the same tokens.
+    """
+    block_size = model.config.block_size
+    keep = block_size - block_size // 4
+    context = idx if idx.size(1) <= block_size else idx[:, -keep:]  # (B, T) what the model sees
+    cache = None
+    for _ in range(max_new_tokens):
+        if not kv_cache:
+            hidden = model.hidden(context)  # (B, T, C): the whole context, every step
+        elif cache is None:
+            cache = model.new_cache(context.size(0))
+            hidden = model.hidden(context, cache)  # read the context once, filling the cache
+        else:
+            hidden = model.hidden(context[:, -1:], cache)  # only the newest token: (B, 1, C)
+        logits = model.lm_head(hidden[:, -1, :])  # (B, V): only the last position predicts the next token
+        next_id = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
+        yield next_id[:, 0]
+        context = torch.cat([context, next_id], dim=1)
+        if context.size(1) > block_size:  # outgrown: keep the most recent tokens, start over at position 0
+            context, cache = context[:, -keep:], None
+
+
+def sample_text(model, tokenizer_dict, prompt_text, max_new_tokens, num_samples=1, temperature=0.8, top_k=0,
+                top_p=1.0, seed=1337, kv_cache=True, out=sys.stdout):
+    """Generate from a prompt string and write the text to `out`, streaming it when there is one sample."""
+    tok = tokenizers.from_dict(tokenizer_dict)
+    model.eval()
+    device = model.lm_head.weight.device
+    ids = tok.encode(prompt_text)
+    if not ids:
+        raise SystemExit("error: the prompt is empty after encoding; give some text with --prompt")
+    idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)  # (B, T)
+    generator = torch.Generator(device).manual_seed(seed)
+    decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(num_samples)]
+    texts = [prompt_text for _ in range(num_samples)]
+    if num_samples == 1:
+        out.write(prompt_text)
+    t0 = time.perf_counter()
+    for step, next_ids in enumerate(generate(model, idx, max_new_tokens, temperature, top_k, top_p, generator,
+                                             kv_cache)):
+        for i, token in enumerate(next_ids.tolist()):
+            piece = decoders[i].decode(tok.decode_bytes([token]))  # a multi-byte character may span tokens
+            texts[i] += piece
+            if num_samples == 1:
+                out.write(piece)
+                out.flush()
+    elapsed = time.perf_counter() - t0
+    if num_samples > 1:
+        out.write(("\n" + "-" * 80 + "\n").join(texts))
+    out.write("\n")
+    out.flush()
+    n = max_new_tokens * num_samples
+    print(f"[{n} tokens in {elapsed:.2f} s: {n / elapsed:,.0f} tokens/s]", file=sys.stderr)
+    return texts
+
+
+def main(args):
+    configurator.configure(globals(), args)
+    if max_new_tokens < 1:
+        raise SystemExit(f"error: --max_new_tokens={max_new_tokens} must be at least 1")
+    if num_samples < 1:
+        raise SystemExit(f"error: --num_samples={num_samples} must be at least 1")
+    if temperature < 0:
+        raise SystemExit(f"error: --temperature={temperature} must be >= 0 (0 means greedy)")
+    if top_k < 0:
+        raise SystemExit(f"error: --top_k={top_k} must be >= 0 (0 means no limit)")
+    if not 0 < top_p <= 1:
+        raise SystemExit(f"error: --top_p={top_p} must be in (0, 1] (1 means no limit)")
+    text = prompt
+    if text.startswith("FILE:"):
+        try:
+            with open(text[5:], encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise SystemExit(f"error: cannot read the prompt file {text[5:]} ({type(e).__name__}); "
+                             f"give a UTF-8 text file")
+    dev = configurator.pick_device(device)
+    ckpt = load_checkpoint(init_from, map_location=dev)
+    model = model_from_checkpoint(ckpt, init_from).to(dev)
+    try:
+        sample_text(model, ckpt["tokenizer"], text, max_new_tokens, num_samples, temperature, top_k, top_p, seed,
+                    kv_cache)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        raise SystemExit(130)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

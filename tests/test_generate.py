@@ -1,0 +1,77 @@
+import pytest
+import torch
+
+from generate import generate, next_token_probs, sample_next, sample_text
+from gpt import GPT, GPTConfig
+from tokenizer import CharTokenizer
+
+
+def tiny(block_size=16, vocab_size=30, seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32)).eval()
+
+
+def tokens(model, prompt, n, **kw):
+    return torch.stack(list(generate(model, prompt, n, **kw)), dim=1)  # (B, n)
+
+
+def test_the_same_seed_gives_the_same_text_and_another_seed_another():
+    model = tiny()
+    tok = CharTokenizer("".join(chr(ord("a") + i) for i in range(30)))
+    texts = [sample_text(model, tok.to_dict(), "abc", 60, seed=s, out=open("/dev/null", "w")) for s in (1, 1, 2)]
+    assert texts[0] == texts[1] != texts[2]
+
+
+def test_temperature_zero_is_argmax_decoding():
+    model = tiny()
+    prompt = torch.randint(0, 30, (2, 3))
+    expected = prompt
+    for _ in range(12):  # a plain greedy loop that stays within block_size
+        logits, _ = model(expected)
+        expected = torch.cat([expected, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(tokens(model, prompt, 12, temperature=0), expected[:, 3:])
+
+
+def test_top_k_keeps_exactly_k_candidates():
+    logits = torch.tensor([[3.0, 1.0, 2.0, 2.0, 2.0, 0.5, 2.5, -1.0]])  # ties at the boundary: still exactly k
+    for k in (1, 3, 4, 8):
+        probs = next_token_probs(logits, top_k=k)
+        assert (probs > 0).sum().item() == k
+        assert set(torch.topk(logits[0], k).indices.tolist()) == set(probs[0].nonzero()[:, 0].tolist())
+        assert torch.allclose(probs.sum(), torch.tensor(1.0))
+
+
+def test_top_p_keeps_the_smallest_set_whose_probability_reaches_p():
+    probs_in = torch.tensor([[0.05, 0.5, 0.15, 0.3]])
+    logits = probs_in.log()
+    for p, kept in [(0.3, {1}), (0.5, {1}), (0.7, {1, 3}), (0.9, {1, 3, 2}), (0.97, {0, 1, 2, 3}), (1.0, {0, 1, 2, 3})]:
+        probs = next_token_probs(logits, top_p=p)
+        assert set(probs[0].nonzero()[:, 0].tolist()) == kept, p
+        renormalised = probs_in[0, list(kept)] / probs_in[0, list(kept)].sum()
+        assert torch.allclose(probs[0, list(kept)], renormalised)
+
+
+def test_sampling_draws_only_from_the_kept_candidates():
+    logits = torch.randn(1, 30).repeat(4000, 1)
+    drawn = sample_next(logits, temperature=1.5, top_k=5, generator=torch.Generator().manual_seed(0))
+    assert set(drawn[:, 0].tolist()) == set(torch.topk(logits[0], 5).indices.tolist())
+
+
+@pytest.mark.parametrize("prompt_len", [1, 10, 16, 40])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_cached_and_uncached_generation_give_identical_tokens(prompt_len, temperature):
+    model = tiny(block_size=16).double()  # float64: no near-ties flipped by rounding
+    prompt = torch.randint(0, 30, (3, prompt_len))  # batched: three samples at once
+    kw = dict(temperature=temperature, top_k=20, top_p=0.95)
+    cached = tokens(model, prompt, 50, kv_cache=True, generator=torch.Generator().manual_seed(1), **kw)
+    uncached = tokens(model, prompt, 50, kv_cache=False, generator=torch.Generator().manual_seed(1), **kw)
+    assert torch.equal(cached, uncached)
+
+
+def test_the_cache_feeds_one_position_per_step():
+    model = tiny(block_size=16)
+    lengths = []
+    model.transformer.wte.register_forward_hook(lambda m, inp, out: lengths.append(inp[0].size(1)))
+    tokens(model, torch.randint(0, 30, (1, 5)), 30, temperature=0)
+    # the prompt once, then one token per step; each time the 16 positions overflow, the last 12 are re-read
+    assert lengths == [5] + [1] * 11 + ([12] + [1] * 4) * 3 + [12, 1, 1]
