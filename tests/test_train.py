@@ -1,0 +1,58 @@
+import json
+import math
+
+import torch
+
+from conftest import one_error_line, run_script
+
+TINY = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_size=4", "--eval_iters=2",
+        "--log_interval=5", "--warmup_iters=2", "--learning_rate=1e-2"]
+
+
+def test_end_to_end_prepare_train_checkpoint_generate(corpus):
+    # train.py prepares the default dataset itself when it is missing
+    result = run_script("train.py", *TINY, "--max_iters=30", "--eval_interval=10", "--sample_length=40", cwd=corpus)
+    assert result.returncode == 0, result.stderr
+    assert (corpus / "data" / "char" / "meta.json").exists()
+    assert "step 30: train loss" in result.stdout and "a sample" in result.stdout
+
+    # the checkpoint is self-contained and loads without unpickling any Python object
+    ckpt = torch.load(corpus / "out" / "best.pt", weights_only=True)
+    assert set(ckpt) >= {"model", "optimizer", "model_config", "tokenizer", "config", "iter_num", "best_val_loss"}
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
+    last = torch.load(corpus / "out" / "last.pt", weights_only=True)
+    assert last["iter_num"] == 30 and last["best_val_loss"] == ckpt["best_val_loss"] <= math.log(ckpt["model_config"]["vocab_size"])
+    config = json.loads((corpus / "out" / "config.json").read_text())
+    assert config["max_iters"] == 30 and config["device"] == "cpu" and config["dtype"] == "float32"
+
+    # generate.py needs nothing but the checkpoint: run it where there is no data at all
+    (corpus / "input.txt").unlink()
+    for f in (corpus / "data" / "char").iterdir():
+        f.unlink()
+    result = run_script("generate.py", "--init_from=out/best.pt", "--prompt=The king", "--max_new_tokens=50",
+                        "--seed=3", cwd=corpus)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("The king") and len(result.stdout) >= len("The king") + 50
+    assert "tokens/s" in result.stderr
+    again = run_script("generate.py", "--init_from=out/best.pt", "--prompt=The king", "--max_new_tokens=50",
+                       "--seed=3", cwd=corpus)
+    assert again.stdout == result.stdout
+
+
+def test_best_checkpoint_never_records_a_worse_val_loss(corpus):
+    # a learning rate this high makes the val loss go up and down: best.pt must keep the minimum
+    result = run_script("train.py", *TINY, "--max_iters=40", "--eval_interval=4", "--learning_rate=0.3",
+                        "--sample_length=0", cwd=corpus)
+    assert result.returncode == 0, result.stderr
+    vals = [float(line.split("val loss ")[1].split()[0]) for line in result.stdout.splitlines() if "val loss" in line]
+    best = torch.load(corpus / "out" / "best.pt", weights_only=True)
+    last = torch.load(corpus / "out" / "last.pt", weights_only=True)
+    assert abs(best["best_val_loss"] - min(vals)) < 1e-4 and abs(last["best_val_loss"] - min(vals)) < 1e-4
+    assert best["iter_num"] == 4 * vals.index(min(vals))
+    assert vals != sorted(vals, reverse=True)  # the run really did get worse at some point
+
+
+def test_generate_rejects_characters_outside_the_vocabulary(corpus):
+    assert run_script("train.py", *TINY, "--max_iters=1", "--sample_length=0", cwd=corpus).returncode == 0
+    line = one_error_line(run_script("generate.py", "--init_from=out/last.pt", "--prompt=zebra€", cwd=corpus))
+    assert "outside this model's vocabulary" in line and "'z'" in line and "'€'" in line
