@@ -44,20 +44,43 @@ def write_atomically(path, write):
     os.replace(tmp, path)
 
 
-def download_shakespeare(path):
+def download(url, path, hint, sha256=None):
+    """Fetch `url` into `path` with progress on stderr. An interrupted download resumes from its .part file;
+    the size is checked against the server's, and the sha256 too when given. Offline: one line naming the URL
+    and `hint` (what to do instead)."""
     import requests  # only needed here
 
-    print(f"downloading Tiny Shakespeare from {SHAKESPEARE_URL}", file=sys.stderr)
+    part = f"{path}.part"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    have = os.path.getsize(part) if os.path.exists(part) else 0
     try:
-        response = requests.get(SHAKESPEARE_URL, timeout=30)
-        response.raise_for_status()
+        with requests.get(url, headers={"Range": f"bytes={have}-"} if have else {}, stream=True, timeout=30) as r:
+            if r.status_code == 416:  # the .part file is not a prefix of this file: start over
+                os.remove(part)
+                return download(url, path, hint, sha256)
+            r.raise_for_status()
+            if r.status_code != 206:  # the server sent the whole file, not the rest of it
+                have = 0
+            total = have + int(r.headers.get("Content-Length", 0))
+            shown = 0
+            with open(part, "ab" if have else "wb") as f:
+                for chunk in r.iter_content(chunk_size=1 << 20):
+                    f.write(chunk)
+                    have += len(chunk)
+                    if total > 1e6 and (have - shown > total / 20 or have == total):
+                        print(f"  {os.path.basename(path)}: {have / 1e6:,.1f} of {total / 1e6:,.1f} MB", file=sys.stderr)
+                        shown = have
     except requests.RequestException as e:
-        raise SystemExit(f"error: could not download {SHAKESPEARE_URL} ({type(e).__name__}); "
-                         f"put a UTF-8 text file at {path} or pass --input=FILE")
-    if hashlib.sha256(response.content).hexdigest() != SHAKESPEARE_SHA256:
-        raise SystemExit(f"error: the download from {SHAKESPEARE_URL} is not Tiny Shakespeare (sha256 mismatch); "
-                         f"put a UTF-8 text file at {path} or pass --input=FILE")
-    write_atomically(path, lambda f: f.write(response.content))
+        raise SystemExit(f"error: could not download {url} ({type(e).__name__}); {hint}")
+    if total and have != total:
+        raise SystemExit(f"error: the download of {url} stopped at {have:,} of {total:,} bytes; run again to resume")
+    if sha256:
+        with open(part, "rb") as f:
+            if hashlib.sha256(f.read()).hexdigest() != sha256:
+                os.remove(part)
+                raise SystemExit(f"error: the file at {url} is not the expected one (sha256 mismatch); {hint}")
+    os.replace(part, path)
+    return path
 
 
 def read_text(path):
@@ -65,7 +88,8 @@ def read_text(path):
     if not os.path.exists(path):
         if path != DEFAULT_INPUT:
             raise SystemExit(f"error: input file {path} not found; pass --input=FILE with a UTF-8 text file")
-        download_shakespeare(path)
+        print(f"downloading Tiny Shakespeare from {SHAKESPEARE_URL}", file=sys.stderr)
+        download(SHAKESPEARE_URL, path, f"put a UTF-8 text file at {path} or pass --input=FILE", SHAKESPEARE_SHA256)
     if os.path.isdir(path):
         raise SystemExit(f"error: --input={path} is a directory; pass a UTF-8 text file")
     with open(path, "rb") as f:
