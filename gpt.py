@@ -183,11 +183,15 @@ class GPT(nn.Module):
 
 def load_checkpoint(path, map_location="cpu"):
     """Load a checkpoint written by train.py without running any pickled code; one-line errors otherwise."""
-    import pickle
     import os
+    import pickle
+    import zipfile
 
     if not os.path.isfile(path):
         raise SystemExit(f"error: no checkpoint at {path}; train one with `python train.py` or pass its path")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a cut-off one loses its directory
+        raise SystemExit(f"error: {path} is not a readable checkpoint (truncated or corrupted?); "
+                         f"use another one, such as best.pt beside last.pt")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:

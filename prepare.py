@@ -37,12 +37,16 @@ CACHE_DIR = os.environ.get("GPT_FROM_SCRATCH_CACHE", os.path.join(os.path.expand
 def write_atomically(path, write):
     """Call write(f) on a temporary file beside `path`, flush it to disk, then rename it over `path`:
     a reader (or a crash) sees the old file or the new one, never half of one. train.py saves checkpoints so."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = f"{path}.tmp"  # one fixed name: a killed writer leaves at most one stale temporary behind
     with open(tmp, "wb") as f:
         write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    if hasattr(os, "O_DIRECTORY"):  # POSIX: flush the directory entry too, so the rename survives a power cut
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_DIRECTORY)
+        os.fsync(fd)
+        os.close(fd)
 
 
 def download(url, path, hint, sha256=None):

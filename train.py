@@ -117,12 +117,26 @@ def peak_flops(device_type, ptdtype):
         return peak if ptdtype != torch.float32 else None  # fp32 / tf32 peaks are not in the table
     if device_type != "cpu":
         return None
-    a = torch.randn(1024, 1024, dtype=ptdtype)
+    a = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0)).to(ptdtype)  # leaves torch's rng alone
     a @ a  # warm up
     t0 = time.perf_counter()
     for _ in range(8):
         a @ a
     return 8 * 2 * 1024**3 / (time.perf_counter() - t0)
+
+
+def check_settings():
+    """Catch the settings that would otherwise fail with a traceback deep inside the run."""
+    least = dict(n_layer=1, n_head=1, n_embd=1, block_size=1, batch_size=1, gradient_accumulation_steps=1,
+                 eval_interval=1, eval_iters=1, log_interval=1, max_iters=0, warmup_iters=0, lr_decay_iters=0,
+                 learning_rate=0, min_lr=0, weight_decay=0, grad_clip=0, sample_length=0)
+    for key, lowest in least.items():
+        if globals()[key] < lowest:
+            raise SystemExit(f"error: --{key}={globals()[key]} must be at least {lowest}")
+    if n_embd % n_head:
+        raise SystemExit(f"error: --n_embd={n_embd} must be a multiple of --n_head={n_head}")
+    if not 0 <= dropout < 1:
+        raise SystemExit(f"error: --dropout={dropout} must be in [0, 1)")
 
 
 def main(args):
@@ -140,6 +154,7 @@ def main(args):
                              f"or start a new run with --init_from=scratch --out_dir=NEW_DIR")
     elif init_from != "scratch":
         raise SystemExit(f"error: --init_from={init_from} is unknown; use scratch or resume")
+    check_settings()
     settings = {k: globals()[k] for k in configurator.setting_names(globals())}
 
     # processes and devices: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE for each process it starts
@@ -297,6 +312,9 @@ def train(settings, ckpt, ddp, rank, world, dev):
         while True:
             if iter_num % eval_interval == 0 or iter_num == max_iters:
                 losses = evaluate()
+                if not all(map(math.isfinite, losses.values())):
+                    raise SystemExit(f"error: the {'val' if math.isfinite(losses['train']) else 'train'} loss is "
+                                     f"not finite at step {iter_num}; stopped without saving these weights")
                 improved = losses["val"] < best_val_loss
                 best_val_loss = min(best_val_loss, losses["val"])
                 log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
@@ -328,8 +346,8 @@ def train(settings, ckpt, ddp, rank, world, dev):
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX)
             if flags[1]:
                 raise SystemExit(f"error: the loss became {loss_sum.item()} at step {iter_num}; stopped without "
-                                 f"saving, so {out_dir}/last.pt keeps the last good weights. Try a lower "
-                                 f"--learning_rate, --dtype=float32, or check the data")
+                                 f"saving, so {out_dir}/last.pt keeps the last good weights; try a lower "
+                                 f"--learning_rate or check the data")
             if grad_clip > 0:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)

@@ -1,0 +1,257 @@
+"""Checkpoints you can trust and errors you can act on: resume, interrupts, kills, poisoned files, bad input."""
+
+import importlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, one_error_line, run_script
+
+TINY = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_size=4", "--eval_iters=2",
+        "--log_interval=5", "--warmup_iters=2", "--learning_rate=1e-2", "--sample_length=0"]
+
+
+@pytest.fixture
+def script(monkeypatch, corpus):
+    """Run a script's main() in this process, in the corpus folder, with its settings fresh from the file."""
+    monkeypatch.chdir(corpus)
+
+    def run(name, *args):
+        sys.modules.pop(name, None)  # the settings are module globals that main() changes: start clean
+        return importlib.import_module(name).main(list(args))
+
+    return run
+
+
+def load(path):
+    return torch.load(path, weights_only=True)
+
+
+def assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def start(args, cwd):
+    """Start train.py as a user would, with its output (stdout and stderr together) readable line by line."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(process, text):
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if text in line:
+            return lines
+    raise AssertionError(f"never saw {text!r}:\n{''.join(lines)}")
+
+
+# -----------------------------------------------------------------------------
+# resume and determinism
+
+
+def test_a_resumed_run_is_bit_identical_to_an_unbroken_one(script, corpus):
+    args = [*TINY, "--dropout=0.1", "--gradient_accumulation_steps=2", "--eval_interval=5", "--lr_decay_iters=24"]
+    script("train", *args, "--max_iters=24", "--out_dir=straight")
+    script("train", *args, "--max_iters=10", "--out_dir=broken")
+    script("train", "--init_from=resume", "--max_iters=24", "--out_dir=broken")  # the rest comes from the checkpoint
+    a, b = load(corpus / "straight" / "last.pt"), load(corpus / "broken" / "last.pt")
+    assert a["iter_num"] == b["iter_num"] == 24
+    assert_same_state(a["model"], b["model"])
+    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert_same_state(pa, pb)
+
+
+def test_the_same_seed_and_settings_give_the_same_loss_curve(script, capsys):
+    def curve(*extra):
+        script("train", *TINY, "--max_iters=20", "--log_interval=1", "--eval_interval=10", *extra)
+        out = capsys.readouterr().out
+        return [line.split(",")[0] for line in out.splitlines() if line.startswith(("iter", "step"))]
+
+    first, second, other = curve(), curve(), curve("--seed=7")
+    assert len(first) == 23 and first == second
+    assert first != other
+
+
+def test_ctrl_c_saves_last_and_the_run_resumes_identically(script, corpus):
+    args = [*TINY, "--max_iters=200", "--log_interval=1", "--eval_interval=1000"]
+    process = start([*args, "--out_dir=broken"], corpus)
+    wait_for(process, "iter 20:")
+    process.send_signal(signal.SIGINT)
+    output = process.communicate(timeout=60)[0]
+    assert process.returncode == 130 and "Traceback" not in output
+    stopped = load(corpus / "broken" / "last.pt")["iter_num"]
+    assert 20 <= stopped < 200 and f"saved broken/last.pt at step {stopped}" in output
+
+    script("train", "--init_from=resume", "--out_dir=broken")
+    script("train", *args, "--out_dir=straight")
+    assert_same_state(load(corpus / "straight" / "last.pt")["model"], load(corpus / "broken" / "last.pt")["model"])
+
+
+def test_a_second_ctrl_c_quits_at_once_without_saving(corpus):
+    big = ["--n_layer=4", "--n_head=4", "--n_embd=128", "--block_size=64", "--batch_size=32", "--eval_iters=1"]
+    process = start([*big, "--max_iters=1000", "--log_interval=1", "--sample_length=0"], corpus)
+    wait_for(process, "iter 2:")
+    process.send_signal(signal.SIGINT)
+    wait_for(process, "interrupted: saving")
+    process.send_signal(signal.SIGINT)  # within the same (slow) step
+    output = process.communicate(timeout=60)[0]
+    assert process.returncode == 130 and "interrupted again" in output and "saved" not in output
+    assert load(corpus / "out" / "last.pt")["iter_num"] == 0  # the step-0 checkpoint is untouched
+
+
+def test_killing_the_trainer_at_random_moments_never_breaks_the_checkpoint(script, corpus):
+    rng = random.Random(0)
+    args = [*TINY, "--n_embd=64", "--n_layer=2", "--max_iters=100000", "--eval_interval=1", "--eval_iters=1"]
+    for attempt in range(4):  # checkpoints are written every step, so many kills land mid-write
+        process = start([*args, "--init_from=resume"] if attempt else args, corpus)
+        wait_for(process, "step")
+        time.sleep(rng.uniform(0.05, 0.6))
+        process.send_signal(signal.SIGKILL)
+        process.communicate(timeout=60)
+        ckpt = load(corpus / "out" / "last.pt")  # the previous or the new checkpoint, whole either way
+        assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+    script("train", "--init_from=resume", "--max_iters=" + str(ckpt["iter_num"] + 3))
+    assert load(corpus / "out" / "last.pt")["iter_num"] == ckpt["iter_num"] + 3
+
+
+# -----------------------------------------------------------------------------
+# what gets loaded, and what gets saved
+
+
+class Payload:
+    """Unpickling this object would create a file: proof that loading ran code."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_a_checkpoint_carrying_a_pickled_object_is_refused_and_nothing_runs(script, corpus):
+    script("train", *TINY, "--max_iters=1")
+    ckpt = load(corpus / "out" / "last.pt")
+    marker = corpus / "pwned"
+    torch.save({**ckpt, "extra": Payload(str(marker))}, corpus / "evil.pt")
+    torch.save({**ckpt, "extra": Payload(str(marker))}, corpus / "out" / "last.pt")
+
+    line = one_error_line(run_script("generate.py", "--init_from=evil.pt", cwd=corpus))
+    assert "refusing to load evil.pt" in line and "pickled Python objects" in line
+    with pytest.raises(SystemExit, match="refusing to load out/last.pt"):
+        script("train", "--init_from=resume")
+    assert not marker.exists()
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(script, corpus):
+    with pytest.raises(SystemExit, match=r"loss became nan at step 2; stopped without saving"):
+        script("train", *TINY, "--max_iters=50", "--learning_rate=100", "--warmup_iters=0")
+    for name in ("last.pt", "best.pt"):
+        ckpt = load(corpus / "out" / name)
+        assert ckpt["iter_num"] == 0 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
+
+
+def test_resuming_with_another_model_shape_is_a_clear_error(script):
+    script("train", *TINY, "--max_iters=1")
+    with pytest.raises(SystemExit, match="checkpoint in out has n_layer=1, n_embd=16; drop those flags"):
+        script("train", "--init_from=resume", "--n_layer=3", "--n_embd=32")
+
+
+def test_a_checkpoint_that_contradicts_its_own_model_config_is_a_clear_error(script, corpus):
+    script("train", *TINY, "--max_iters=1")
+    ckpt = load(corpus / "out" / "last.pt")
+    ckpt["model_config"]["n_layer"] = 2
+    torch.save(ckpt, corpus / "edited.pt")
+    with pytest.raises(SystemExit, match="edited.pt does not match its own model_config"):
+        script("generate", "--init_from=edited.pt")
+
+
+def test_resuming_on_data_with_another_vocabulary_is_a_clear_error(script, corpus):
+    script("train", *TINY, "--max_iters=1")
+    (corpus / "other.txt").write_text("0123456789 +-*/=\n" * 500, encoding="utf-8")
+    importlib.import_module("prepare").prepare(input="other.txt", data_dir="data/digits")
+    with pytest.raises(SystemExit, match="data in data/digits was tokenized differently"):
+        script("train", "--init_from=resume", "--data_dir=data/digits")
+
+
+# -----------------------------------------------------------------------------
+# bad input: one line that says what to do, and a non-zero exit
+
+
+def test_mistakes_end_in_one_line_and_a_non_zero_exit(corpus):
+    assert "unknown setting --n_layers (did you mean --n_layer?)" in one_error_line(
+        run_script("train.py", "--n_layers=2", cwd=corpus))
+    assert "--top_p=2.0 must be in (0, 1]" in one_error_line(run_script("generate.py", "--top_p=2", cwd=corpus))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--n_layers=2"], "unknown setting --n_layers"),
+    (["--n_layer=2.5"], "--n_layer must be int"),
+    (["--learning_rate=fast"], "is not a Python literal"),
+    (["--data_dir=nowhere"], "no prepared data in nowhere"),
+    (["--init_from=resume", "--out_dir=empty"], "no checkpoint at empty/last.pt"),
+    (["--init_from=gpt7"], "--init_from=gpt7 is unknown"),
+    (["--block_size=100000"], "too few for --block_size=100000"),
+    (["--n_embd=30", "--n_head=4"], "--n_embd=30 must be a multiple of --n_head=4"),
+    (["--batch_size=0"], "--batch_size=0 must be at least 1"),
+    (["--learning_rate=-1"], "--learning_rate=-1.0 must be at least 0"),
+    (["--dropout=1.5"], "--dropout=1.5 must be in [0, 1)"),
+    (["--dtype=float16"], "--dtype=float16 is not available on cpu"),
+    (["--dtype=int8"], "--dtype=int8 is not available"),
+    (["--device=tpu"], "--device=tpu is not a device"),
+])
+def test_train_rejects_bad_settings(script, args, message):
+    with pytest.raises(SystemExit, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        script("train", *TINY, "--max_iters=1", *args)
+
+
+def test_train_rejects_a_truncated_or_corrupted_bin_file(script, corpus):
+    importlib.import_module("prepare").prepare()
+    train_bin = corpus / "data" / "char" / "train.bin"
+    good = train_bin.read_bytes()
+    train_bin.write_bytes(good[:-3])
+    with pytest.raises(SystemExit, match=r"train.bin has \d+ bytes but meta.json says \d+ uint16 tokens"):
+        script("train", *TINY, "--max_iters=1")
+    train_bin.write_bytes(good[:-2] + np.array([65535], dtype=np.uint16).tobytes())
+    with pytest.raises(SystemExit, match="holds token id 65535 >= vocab_size"):
+        script("train", *TINY, "--max_iters=1")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_a_truncated_or_corrupted_checkpoint_is_a_clear_error(script, corpus, damage):
+    script("train", *TINY, "--max_iters=1")
+    path = corpus / "out" / "last.pt"
+    data = path.read_bytes()
+    path.write_bytes({"truncate": data[: len(data) // 2], "garbage": os.urandom(5000), "empty": b""}[damage])
+    with pytest.raises(SystemExit, match="out/last.pt is not a readable checkpoint"):
+        script("generate", "--init_from=out/last.pt")
+    with pytest.raises(SystemExit, match="out/last.pt is not a readable checkpoint"):
+        script("train", "--init_from=resume")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max_new_tokens=0"], "--max_new_tokens=0 must be at least 1"),
+    (["--max_new_tokens=-5"], "--max_new_tokens=-5 must be at least 1"),
+    (["--top_p=0"], "--top_p=0.0 must be in (0, 1]"),
+    (["--top_p=1.5"], "--top_p=1.5 must be in (0, 1]"),
+    (["--temperature=-1"], "--temperature=-1.0 must be >= 0"),
+    (["--top_k=-1"], "--top_k=-1 must be >= 0"),
+    (["--num_samples=0"], "--num_samples=0 must be at least 1"),
+    (["--prompt=FILE:nope.txt"], "cannot read the prompt file nope.txt"),
+    (["--prompt=日本"], "outside this model's vocabulary: '日' '本'"),
+    (["--init_from=missing.pt"], "no checkpoint at missing.pt"),
+])
+def test_generate_rejects_bad_settings(script, args, message):
+    script("train", *TINY, "--max_iters=1")
+    with pytest.raises(SystemExit, match=message.replace("(", r"\(").replace("]", r"\]")):
+        script("generate", "--init_from=out/last.pt", *args)
