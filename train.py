@@ -357,6 +357,9 @@ def train(settings, ckpt, ddp, rank, world, dev):
             iter_num += 1
 
             if iter_num % log_interval == 0:
+                if ddp:  # the mean over all processes' batches, as one process would report it
+                    dist.all_reduce(loss_sum)
+                    loss_sum /= world
                 dt = (time.perf_counter() - t0) / max(1, iter_num - t0_iter)
                 mfu = f"{flops_per_token * tokens_per_iter / dt / peak / world:.1%}" if peak else "n/a"
                 log(f"iter {iter_num}: loss {loss_sum.item():.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
