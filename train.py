@@ -307,7 +307,8 @@ def train(settings, ckpt, ddp, rank, world, dev):
     tokens_per_iter = batch_size * gradient_accumulation_steps * block_size
     log(f"{n_params / 1e6:.2f}M parameters on {dev} ({precision}, {world} process{'es' * (world > 1)}), "
         f"{tokens_per_iter:,} tokens per step")
-    t0, t0_iter = time.perf_counter(), iter_num
+    t_start = t0 = time.perf_counter()
+    t0_iter = iter_num
     try:
         while True:
             if iter_num % eval_interval == 0 or iter_num == max_iters:
@@ -318,7 +319,7 @@ def train(settings, ckpt, ddp, rank, world, dev):
                 improved = losses["val"] < best_val_loss
                 best_val_loss = min(best_val_loss, losses["val"])
                 log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
-                    f"{' (best)' if improved else ''}")
+                    f"{' (best)' if improved else ''}, {time.perf_counter() - t_start:.1f} s", flush=True)
                 save(["last.pt", "best.pt"] if improved else ["last.pt"])
                 t0, t0_iter = time.perf_counter(), iter_num  # leave evaluation out of the step timing
             if iter_num >= max_iters:
@@ -372,6 +373,17 @@ def train(settings, ckpt, ddp, rank, world, dev):
         for s, h in handlers.items():
             signal.signal(s, h)
 
+    if device_type == "cuda":
+        memory = f"{torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB on the GPU"
+    elif sys.platform != "win32":  # the peak resident memory of this process: KiB on Linux, bytes on macOS
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
+        memory = f"{rss:,.0f} MiB peak RSS"
+    else:
+        memory = "peak memory n/a"
+    log(f"done: {iter_num} steps in {time.perf_counter() - t_start:.1f} s, best val loss {best_val_loss:.4f}, "
+        f"{memory}", flush=True)
     if master and sample_length > 0:
         from generate import sample_text
 

@@ -1,5 +1,6 @@
 import json
 import math
+import re
 
 import torch
 
@@ -44,7 +45,7 @@ def test_best_checkpoint_never_records_a_worse_val_loss(corpus):
     result = run_script("train.py", *TINY, "--max_iters=40", "--eval_interval=4", "--learning_rate=0.3",
                         "--sample_length=0", cwd=corpus)
     assert result.returncode == 0, result.stderr
-    vals = [float(line.split("val loss ")[1].split()[0]) for line in result.stdout.splitlines() if "val loss" in line]
+    vals = [float(v) for v in re.findall(r"^step \d+: .*val loss ([\d.]+)", result.stdout, re.M)]
     best = torch.load(corpus / "out" / "best.pt", weights_only=True)
     last = torch.load(corpus / "out" / "last.pt", weights_only=True)
     assert abs(best["best_val_loss"] - min(vals)) < 1e-4 and abs(last["best_val_loss"] - min(vals)) < 1e-4

@@ -1,0 +1,129 @@
+"""
+bench.py: measure training and sampling speed the way a user meets it.
+
+    python bench.py                                           # train.py's defaults, once
+    python bench.py --target_loss=1.88 --repeat=3 -- --max_iters=1000     # time-to-loss, median of 3 runs
+    python bench.py --what=sample --n_layer=6 --n_head=6 --n_embd=384 --block_size=256 --max_new_tokens=500
+
+Training (--what=train) launches the real `python train.py <everything after -->` and timestamps its output
+lines as they arrive, so process start-up, data loading, compilation and evaluation all count. It prints, per run
+and as the median over runs: wall time, the time at which the val loss first reached --target_loss, the best val
+loss, tokens/s, ms/iter, MFU and peak memory, plus the val-loss-vs-seconds curve.
+
+Sampling (--what=sample) times generate.generate() on a randomly initialised model of the given shape, with the
+key/value cache and without it (recomputing the whole context every step), and prints both speeds and their ratio.
+"""
+
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+import configurator
+
+# -----------------------------------------------------------------------------
+what = "train"  # 'train' or 'sample'
+repeat = 1  # runs to take the median of
+target_loss = 0.0  # report when the val loss first reaches this (0: don't)
+# --what=sample: the model's shape and the generation
+n_layer = 6
+n_head = 6
+n_embd = 384
+block_size = 256
+vocab_size = 65
+max_new_tokens = 500
+num_samples = 1  # sequences generated together in one batch
+device = "auto"
+# -----------------------------------------------------------------------------
+
+EVAL_LINE = re.compile(r"^step (\d+): train loss ([\d.]+), val loss ([\d.]+)")
+ITER_LINE = re.compile(r"^iter (\d+): .* ([\d.]+) ms/iter, ([\d,]+) tok/s, mfu ([\d.]+%|n/a)")
+DONE_LINE = re.compile(r"^done: .*, ([\d,]+ MiB [^,]*)$")
+
+
+def run_train(train_args):
+    """One run of train.py: its val curve [(seconds since launch, step, val loss)] and its speed figures."""
+    t_launch = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-u", os.path.join(os.path.dirname(__file__), "train.py"),
+                                *train_args, "--sample_length=0"], stdout=subprocess.PIPE, text=True)
+    curve, iters, memory = [], [], "n/a"
+    for line in process.stdout:
+        seconds = time.perf_counter() - t_launch
+        print(f"  {seconds:6.1f} s | {line}", end="", flush=True)
+        if m := EVAL_LINE.match(line):
+            curve.append((seconds, int(m[1]), float(m[3])))
+        elif m := ITER_LINE.match(line):
+            iters.append((float(m[2]), float(m[3].replace(",", "")), m[4]))
+        elif m := DONE_LINE.match(line):
+            memory = m[1]
+    if process.wait():
+        raise SystemExit(f"error: train.py failed (exit code {process.returncode}); its output is above")
+    wall = time.perf_counter() - t_launch
+    reached = [s for s, _, val in curve if target_loss and val <= target_loss]
+    steady = iters[1:] or iters  # the first interval includes warm-up
+    return {
+        "wall s": wall,
+        f"s to val<={target_loss}": reached[0] if reached else float("nan"),
+        "best val": min(val for _, _, val in curve) if curve else float("nan"),
+        "ms/iter": statistics.median(ms for ms, _, _ in steady) if steady else float("nan"),
+        "tok/s": statistics.median(tps for _, tps, _ in steady) if steady else float("nan"),
+        "mfu": statistics.median(steady)[2] if steady else "n/a",
+        "memory": memory,
+        "curve": curve,
+    }
+
+
+def bench_train(train_args):
+    runs = []
+    for i in range(repeat):
+        print(f"run {i + 1}/{repeat}: python train.py {' '.join(train_args)}")
+        runs.append(run_train(train_args))
+    keys = [k for k in runs[0] if k not in ("curve", "mfu", "memory") and (target_loss or not k.startswith("s to"))]
+    print(f"\n{'':10s}" + "".join(f"{k:>16s}" for k in keys) + f"{'mfu':>8s}   memory")
+    for i, r in enumerate(runs):
+        print(f"run {i + 1:<6d}" + "".join(f"{r[k]:16,.3f}" for k in keys) + f"{r['mfu']:>8s}   {r['memory']}")
+    if repeat > 1:
+        print(f"{'median':10s}" + "".join(f"{statistics.median(r[k] for r in runs):16,.3f}" for k in keys))
+    print("\nval loss vs seconds since launch, run 1:")
+    print("  " + ", ".join(f"{s:.1f} s: {val:.3f}" for s, _, val in runs[0]["curve"]))
+
+
+def bench_sample():
+    import torch
+
+    from generate import generate
+    from gpt import GPT, GPTConfig
+
+    dev = configurator.pick_device(device)
+    torch.manual_seed(0)
+    config = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, vocab_size=vocab_size)
+    model = GPT(config).to(dev).eval()
+    prompt = torch.zeros((num_samples, 1), dtype=torch.long, device=dev)
+    print(f"{model.num_params() / 1e6:.2f}M parameters, block_size {block_size}, {max_new_tokens} new tokens, "
+          f"batch {num_samples}, on {dev} with {torch.get_num_threads()} threads")
+    speeds = {}
+    for kv_cache in (True, False):
+        for _ in generate(model, prompt, 8, kv_cache=kv_cache):  # warm up
+            pass
+        t0 = time.perf_counter()
+        for _ in generate(model, prompt, max_new_tokens, kv_cache=kv_cache):
+            pass
+        if dev.startswith("cuda"):
+            torch.cuda.synchronize()
+        speeds[kv_cache] = max_new_tokens * num_samples / (time.perf_counter() - t0)
+        print(f"  kv_cache={kv_cache!s:5s}: {speeds[kv_cache]:8,.0f} tokens/s")
+    print(f"  speed-up of the cache: {speeds[True] / speeds[False]:.1f}x")
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    own, train_args = (args[: args.index("--")], args[args.index("--") + 1 :]) if "--" in args else (args, [])
+    configurator.configure(globals(), own)
+    if what == "train":
+        bench_train(train_args)
+    elif what == "sample":
+        bench_sample()
+    else:
+        raise SystemExit(f"error: --what={what} is unknown; use train or sample")
