@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import sys
 import time
@@ -69,7 +70,7 @@ seed = 1337  # same seed and settings on a CPU: the same run, step for step
 
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias")
 DEFAULT_DATA = {os.path.join("data", t): t for t in ("char",)}  # data dirs train.py may prepare itself
-GPU_PEAK_FLOPS = {  # dense bf16/fp16 tensor-core peaks from the vendors' datasheets, FLOP/s
+GPU_PEAK_FLOPS = {  # dense bf16/fp16 tensor-core peaks from the vendors' datasheets, FLOP/s; first match wins
     "H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
     "A10": 125e12, "V100": 125e12, "T4": 65e12,
 }
@@ -113,7 +114,7 @@ def peak_flops(device_type, ptdtype):
     """The device's peak FLOP/s in the training precision: a datasheet for GPUs, a short matmul probe on CPU."""
     if device_type == "cuda":
         name = torch.cuda.get_device_name()
-        peak = next((f for gpu, f in GPU_PEAK_FLOPS.items() if gpu in name), None)
+        peak = next((f for gpu, f in GPU_PEAK_FLOPS.items() if re.search(rf"\b{gpu}\b", name)), None)  # not A10G
         return peak if ptdtype != torch.float32 else None  # fp32 / tf32 peaks are not in the table
     if device_type != "cpu":
         return None

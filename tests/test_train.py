@@ -2,6 +2,7 @@ import json
 import math
 import re
 
+import pytest
 import torch
 
 from conftest import one_error_line, run_script
@@ -57,3 +58,21 @@ def test_generate_rejects_characters_outside_the_vocabulary(corpus):
     assert run_script("train.py", *TINY, "--max_iters=1", "--sample_length=0", cwd=corpus).returncode == 0
     line = one_error_line(run_script("generate.py", "--init_from=out/last.pt", "--prompt=zebra€", cwd=corpus))
     assert "outside this model's vocabulary" in line and "'z'" in line and "'€'" in line
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                        ("NVIDIA A100-SXM4-40GB", 312e12), ("NVIDIA H200", 989e12),
+                                        ("NVIDIA A10G", None), ("NVIDIA L40", None), ("Some Future GPU", None)])
+def test_mfu_uses_the_datasheet_peak_of_the_gpu_in_use_or_none(monkeypatch, name, peak):
+    import train
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
+    assert train.peak_flops("cuda", torch.bfloat16) == peak
+    assert train.peak_flops("cuda", torch.float32) is None  # no fp32 peaks in the table: n/a, not a guess
+
+
+def test_mfu_on_cpu_is_measured_against_a_matmul_probe():
+    import train
+
+    assert 1e9 < train.peak_flops("cpu", torch.float32) < 1e14
+    assert train.peak_flops("mps", torch.float32) is None
