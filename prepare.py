@@ -32,6 +32,8 @@ SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/da
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 DEFAULT_INPUT = "input.txt"
 CACHE_DIR = os.environ.get("GPT_FROM_SCRATCH_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "gpt-from-scratch"))
+GPT2_URL = "https://huggingface.co/openai-community/gpt2/resolve/main/"  # + vocab.json, merges.txt
+GPT2_FILES = [("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")]  # Hugging Face's names, OpenAI's
 
 
 def write_atomically(path, write):
@@ -101,6 +103,33 @@ def read_text(path):
         return raw.decode("utf-8"), hashlib.sha256(raw).hexdigest()
     except UnicodeDecodeError as e:
         raise SystemExit(f"error: {path} is not UTF-8 text (byte {e.start} is invalid); convert it to UTF-8 first")
+
+
+def gpt2_tokenizer(source=""):
+    """GPT-2's tokenizer from `source`: a tiktoken rank file, or a folder with vocab.json + merges.txt or
+    encoder.json + vocab.bpe. Empty: vocab.json and merges.txt from Hugging Face, downloaded once to CACHE_DIR."""
+    hint = ("pass --gpt2_vocab=PATH: a local gpt2.tiktoken file, or a folder with vocab.json+merges.txt or "
+            "encoder.json+vocab.bpe")
+    if not source:
+        source = os.path.join(CACHE_DIR, "gpt2")
+        for name in GPT2_FILES[0]:
+            if not os.path.exists(os.path.join(source, name)):
+                print(f"downloading GPT-2's {name} from {GPT2_URL}", file=sys.stderr)
+                download(GPT2_URL + name, os.path.join(source, name), hint)
+    if os.path.isfile(source):
+        tok = tokenizers.gpt2_from_tiktoken(source)
+    elif os.path.isdir(source):
+        found = [names for names in GPT2_FILES if all(os.path.isfile(os.path.join(source, n)) for n in names)]
+        if not found:
+            raise SystemExit(f"error: {source} has neither vocab.json+merges.txt nor encoder.json+vocab.bpe; {hint}")
+        tok = tokenizers.gpt2_from_vocab_and_merges(*(os.path.join(source, n) for n in found[0]))
+    else:
+        raise SystemExit(f"error: --gpt2_vocab={source} not found; {hint}")
+
+    # a well-formed file may still hold another vocabulary: GPT-2's has 50,257 tokens and knows "Hello world"
+    if tok.vocab_size != 50257 or tok.encode("Hello world") != [15496, 995]:
+        raise SystemExit(f"error: {source} holds a BPE vocabulary, but not GPT-2's; {hint}")
+    return tok
 
 
 def make_tokenizer(name, text):

@@ -3,6 +3,9 @@ tokenizer.py: how text becomes token ids and back.
 
     CharTokenizer  one id per distinct character (the vocabulary is the sorted set of characters)
     BPETokenizer   byte-level BPE: GPT-2's regex pre-split, then merges of byte pairs learned by `train`
+    gpt2_from_tiktoken(path), gpt2_from_vocab_and_merges(vocab_path, merges_path)
+                   GPT-2's own BPE (50,257 tokens) from a tiktoken rank file, or from vocab.json + merges.txt
+                   (Hugging Face) / encoder.json + vocab.bpe (OpenAI's release); prepare.gpt2_tokenizer finds them
 
 Every tokenizer has the same small API: `encode(text) -> list[int]`, `decode(ids) -> str`,
 `decode_bytes(ids) -> bytes` (for streaming output a token at a time), `vocab_size`, and `to_dict()`, a plain
@@ -12,6 +15,7 @@ BPE tokenizers also take `encode(text, allowed_special=True)`, which turns `<|en
 into its one id; by default it is plain text.
 """
 
+import base64
 import functools
 import heapq
 import json
@@ -274,6 +278,93 @@ class BPETokenizer:
     def load(cls, path):
         with open(path, encoding="utf-8") as f:
             return from_dict(json.load(f))
+
+
+# -----------------------------------------------------------------------------
+# GPT-2's vocabulary, from the files it is published as. Its ids 0..255 are the bytes, in the order of
+# bytes_to_unicode below; 50,000 merges follow, then <|endoftext|> = 50256.
+
+def bytes_to_unicode():
+    """GPT-2's map from each byte to a printable character, used to write tokens in vocab.json and merges.txt:
+    printable Latin-1 bytes stand for themselves, the other 68 (controls, space, soft hyphen) become U+0100...
+    The order of this dict is also the order of GPT-2's 256 byte tokens."""
+    printable = [b for b in range(256) if chr(b).isprintable() and b != ord(" ")]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
+
+
+def file_error(path, what):
+    return SystemExit(f"error: {path} is not {what}; pass GPT-2's own file (see prepare.py --gpt2_vocab)")
+
+
+def gpt2_from_tiktoken(path):
+    """GPT-2 from a tiktoken rank file: one `base64(token bytes) rank` line per token, ranks 0, 1, 2, ...
+    The file has no merges, only tokens in the order they were learned: each token's pair is found by running
+    BPE on its bytes with the tokens learned before it, which leaves exactly two."""
+    tokens = []
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                token, rank = line.split()
+                tokens.append(base64.b64decode(token, validate=True))
+                rank = int(rank)
+            except ValueError:
+                raise file_error(path, f"a tiktoken rank file (line {n} is not `base64 rank`)")
+            if rank != n - 1:
+                raise file_error(path, f"a tiktoken rank file (line {n} has rank {rank}, not {n - 1})")
+    if len(tokens) < 256 or sorted(len(t) for t in tokens[:256]) != [1] * 256:
+        raise file_error(path, "a byte-level BPE rank file (its first 256 tokens are not the 256 bytes)")
+
+    ranks = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    for rank, token in enumerate(tokens[256:], 256):
+        parts = [token[i:i + 1] for i in range(len(token))]
+        while len(parts) > 2:  # merge the earliest-learned adjacent pair, as BPE does
+            pair_ranks = [ranks.get(a + b, rank) for a, b in zip(parts, parts[1:])]
+            i = min(range(len(pair_ranks)), key=pair_ranks.__getitem__)
+            if pair_ranks[i] == rank:  # no earlier token joins any two parts
+                break
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        if len(parts) != 2:
+            raise file_error(path, f"a BPE rank file (token {rank} is not a merge of two earlier tokens)")
+        merges.append((ranks[parts[0]], ranks[parts[1]]))
+    return BPETokenizer(merges, [t[0] for t in tokens[:256]], {ENDOFTEXT: len(tokens)})
+
+
+def gpt2_from_vocab_and_merges(vocab_path, merges_path):
+    """GPT-2 from vocab.json (token -> id) and merges.txt (one `token token` pair a line, in order), both with
+    tokens written through bytes_to_unicode. Hugging Face names them so; OpenAI's release names them
+    encoder.json and vocab.bpe. Entries of vocab.json past the merges are the special tokens."""
+    try:
+        with open(merges_path, encoding="utf-8") as f:
+            pairs = [line.split() for line in f.read().split("\n")[1:] if line.strip()]  # after "#version: 0.2"
+    except UnicodeDecodeError:
+        raise file_error(merges_path, "a merges.txt / vocab.bpe (it is not UTF-8 text)")
+    try:
+        with open(vocab_path, encoding="utf-8") as f:
+            entries = json.load(f)
+        n_tokens = 256 + len(pairs)
+        specials = {token: i for token, i in entries.items() if i >= n_tokens}
+        decode = {c: b for b, c in bytes_to_unicode().items()}
+        ids = {bytes(decode[c] for c in token): i for token, i in entries.items() if i < n_tokens}
+    except (ValueError, KeyError, AttributeError, TypeError):
+        raise file_error(vocab_path, "a GPT-2 vocab.json / encoder.json (a JSON map from token to id)")
+
+    # merge n joins two tokens into the token with id 256 + n
+    merges = []
+    for n, pair in enumerate(pairs):
+        try:
+            a, b = (bytes(decode[c] for c in token) for token in pair)
+            merges.append((ids[a], ids[b]))
+        except (ValueError, KeyError):
+            raise file_error(merges_path, f"a merges.txt / vocab.bpe for {vocab_path} (see line {n + 2})")
+        if ids.get(a + b) != 256 + n:
+            raise file_error(merges_path, f"in the order of {vocab_path} (merge {n} does not make id {256 + n})")
+    byte_order = [token[0] for token, i in sorted(ids.items(), key=lambda kv: kv[1]) if i < 256]
+    try:
+        return BPETokenizer(merges, byte_order, specials)
+    except ValueError as e:
+        raise file_error(vocab_path, f"a byte-level BPE vocabulary ({e})")
 
 
 def from_dict(d):

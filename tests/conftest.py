@@ -12,6 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 SHAKESPEARE = os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare", "input.txt")
+GPT2_TIKTOKEN = os.path.join(ROOT, "..", "shared", "data", "gpt2", "gpt2.tiktoken")
 
 
 def oracle(module):
@@ -20,6 +21,17 @@ def oracle(module):
     if os.environ.get("CI"):
         return importlib.import_module(module)
     return pytest.importorskip(module)
+
+
+def gpt2_reference():
+    """GPT-2's tokenizer as tiktoken builds it from the shared rank file and GPT-2's published pattern."""
+    oracle("tiktoken")
+    import tiktoken.load
+
+    ranks = tiktoken.load.load_tiktoken_bpe(shared_file(GPT2_TIKTOKEN))
+    pattern = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+    return tiktoken.Encoding("gpt2-reference", pat_str=pattern, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": 50256})
 
 
 def shared_file(path):
