@@ -3,18 +3,25 @@ prepare.py: turn a text file into training data.
 
     python prepare.py                          # Tiny Shakespeare, one token per character -> data/char/
     python prepare.py --input=my_book.txt      # any UTF-8 text
+    python prepare.py --tokenizer=bpe --vocab_size=4096   # byte-level BPE learned from the text -> data/bpe/
+    python prepare.py --tokenizer=gpt2         # GPT-2's own 50,257-token BPE (vocabulary downloaded once)
+    python prepare.py --tokenizer=gpt2 --gpt2_vocab=gpt2.tiktoken          # ... or read from a local file
 
 Reads `input` (downloading Tiny Shakespeare into input.txt when it is the default and missing), splits the text
 90/10 into train and validation, encodes both, and writes to `data_dir`:
 
     train.bin, val.bin   the token ids as raw uint16 arrays (read them with np.memmap)
     meta.json            the tokenizer, vocabulary size, token counts and the source's sha256
+
+With bpe and gpt2, `<|endoftext|>` written in the text is the special token that separates documents (one id),
+not thirteen characters of text. BPE learns its merges from the train split only.
 """
 
 import hashlib
 import json
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -23,7 +30,10 @@ import tokenizer as tokenizers
 
 # -----------------------------------------------------------------------------
 input = "input.txt"  # UTF-8 text to learn from; the default is downloaded if missing
-tokenizer = "char"  # 'char': one token per character
+tokenizer = "char"  # 'char': one token per character; 'bpe': byte-level BPE learned here; 'gpt2': GPT-2's BPE
+vocab_size = 4096  # bpe only: 256 bytes + merges + <|endoftext|>; more merges, shorter sequences, bigger embeddings
+gpt2_vocab = ""  # gpt2 only: a .tiktoken file, or a folder with vocab.json+merges.txt or encoder.json+vocab.bpe;
+#                  empty: download vocab.json+merges.txt from Hugging Face once, into CACHE_DIR
 data_dir = ""  # where to write; empty means data/<tokenizer>
 val_fraction = 0.1  # the last 10% of the text is held out for validation
 # -----------------------------------------------------------------------------
@@ -32,6 +42,8 @@ SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/da
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 DEFAULT_INPUT = "input.txt"
 CACHE_DIR = os.environ.get("GPT_FROM_SCRATCH_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "gpt-from-scratch"))
+GPT2_URL = "https://huggingface.co/openai-community/gpt2/resolve/main/"  # + vocab.json, merges.txt
+GPT2_FILES = [("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")]  # Hugging Face's names, OpenAI's
 
 
 def write_atomically(path, write):
@@ -107,26 +119,65 @@ def read_text(path):
         raise SystemExit(f"error: {path} is not UTF-8 text (byte {e.start} is invalid); convert it to UTF-8 first")
 
 
-def make_tokenizer(name, text):
+def gpt2_tokenizer(source=""):
+    """GPT-2's tokenizer from `source`: a tiktoken rank file, or a folder with vocab.json + merges.txt or
+    encoder.json + vocab.bpe. Empty: vocab.json and merges.txt from Hugging Face, downloaded once to CACHE_DIR."""
+    hint = ("pass --gpt2_vocab=PATH: a local gpt2.tiktoken file, or a folder with vocab.json+merges.txt or "
+            "encoder.json+vocab.bpe")
+    if not source:
+        source = os.path.join(CACHE_DIR, "gpt2")
+        for name in GPT2_FILES[0]:
+            if not os.path.exists(os.path.join(source, name)):
+                print(f"downloading GPT-2's {name} from {GPT2_URL}", file=sys.stderr)
+                download(GPT2_URL + name, os.path.join(source, name), hint)
+    if os.path.isfile(source):
+        tok = tokenizers.gpt2_from_tiktoken(source)
+    elif os.path.isdir(source):
+        found = [names for names in GPT2_FILES if all(os.path.isfile(os.path.join(source, n)) for n in names)]
+        if not found:
+            raise SystemExit(f"error: {source} has neither vocab.json+merges.txt nor encoder.json+vocab.bpe; {hint}")
+        tok = tokenizers.gpt2_from_vocab_and_merges(*(os.path.join(source, n) for n in found[0]))
+    else:
+        raise SystemExit(f"error: --gpt2_vocab={source} not found; {hint}")
+
+    # a well-formed file may still hold another vocabulary: GPT-2's has 50,257 tokens and knows "Hello world"
+    if tok.vocab_size != 50257 or tok.encode("Hello world") != [15496, 995]:
+        raise SystemExit(f"error: {source} holds a BPE vocabulary, but not GPT-2's; {hint}")
+    return tok
+
+
+def make_tokenizer(name, text, vocab_size=4096, gpt2_vocab=""):
     if name == "char":
         return tokenizers.CharTokenizer.train(text)
-    raise SystemExit(f"error: --tokenizer={name} is unknown; use char")
+    if name == "bpe":
+        return tokenizers.BPETokenizer.train(text, vocab_size)
+    if name == "gpt2":
+        return gpt2_tokenizer(gpt2_vocab)
+    raise SystemExit(f"error: --tokenizer={name} is unknown; use char, bpe or gpt2")
 
 
-def prepare(input=DEFAULT_INPUT, tokenizer="char", data_dir="", val_fraction=0.1):
+def prepare(input=DEFAULT_INPUT, tokenizer="char", data_dir="", val_fraction=0.1, vocab_size=4096, gpt2_vocab=""):
     """Encode `input` with a new `tokenizer` and write train.bin, val.bin and meta.json to `data_dir`."""
     data_dir = data_dir or os.path.join("data", tokenizer)
     if not 0 < val_fraction < 1:
         raise SystemExit(f"error: --val_fraction={val_fraction} must be between 0 and 1, like 0.1")
     text, sha256 = read_text(input)
-    tok = make_tokenizer(tokenizer, text)
+    n = int(len(text) * (1 - val_fraction))  # split the text (not the tokens): no token straddles the boundary
+
+    # the char vocabulary must cover the val text too; BPE learns from the train text only (bytes cover the rest)
+    t0 = time.perf_counter()
+    tok = make_tokenizer(tokenizer, text if tokenizer == "char" else text[:n], vocab_size, gpt2_vocab)
+    if tokenizer != "char":
+        print(f"{tokenizer} tokenizer ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     if tok.vocab_size > 2**16 - 1:
         raise SystemExit(f"error: {input} has {tok.vocab_size} distinct tokens, more than uint16 can hold (65535); "
                          f"use a smaller text or a tokenizer with a smaller vocabulary")
 
-    # split the text (not the tokens) so that no token straddles the boundary
-    n = int(len(text) * (1 - val_fraction))
-    splits = {"train": tok.encode(text[:n]), "val": tok.encode(text[n:])}
+    # <|endoftext|> in the text separates documents: with BPE it is the one special token
+    def encode(part):
+        return tok.encode(part) if tokenizer == "char" else tok.encode(part, allowed_special=True)
+
+    splits = {"train": encode(text[:n]), "val": encode(text[n:])}
     for split, ids in splits.items():
         if len(ids) < 2:  # one (input, target) pair is the least a block can hold
             raise SystemExit(f"error: {input} is too short: its {split} split has {len(ids)} tokens, "
@@ -151,5 +202,8 @@ def prepare(input=DEFAULT_INPUT, tokenizer="char", data_dir="", val_fraction=0.1
 
 
 if __name__ == "__main__":
-    configurator.configure(globals(), sys.argv[1:])
-    prepare(input, tokenizer, data_dir, val_fraction)
+    overridden = configurator.configure(globals(), sys.argv[1:])
+    for key, owner in (("vocab_size", "bpe"), ("gpt2_vocab", "gpt2")):
+        if key in overridden and tokenizer != owner:
+            raise SystemExit(f"error: --{key} only applies to --tokenizer={owner}; drop it or add --tokenizer={owner}")
+    prepare(input, tokenizer, data_dir, val_fraction, vocab_size, gpt2_vocab)

@@ -2,12 +2,26 @@
 tokenizer.py: how text becomes token ids and back.
 
     CharTokenizer  one id per distinct character (the vocabulary is the sorted set of characters)
+    BPETokenizer   byte-level BPE: GPT-2's regex pre-split, then merges of byte pairs learned by `train`
+    gpt2_from_tiktoken(path), gpt2_from_vocab_and_merges(vocab_path, merges_path)
+                   GPT-2's own BPE (50,257 tokens) from a tiktoken rank file, or from vocab.json + merges.txt
+                   (Hugging Face) / encoder.json + vocab.bpe (OpenAI's release); prepare.gpt2_tokenizer finds them
 
 Every tokenizer has the same small API: `encode(text) -> list[int]`, `decode(ids) -> str`,
 `decode_bytes(ids) -> bytes` (for streaming output a token at a time), `vocab_size`, and `to_dict()`, a plain
 JSON-able dict that `from_dict` turns back into the tokenizer. That dict is what prepare.py writes to meta.json
 and train.py stores inside every checkpoint, so a checkpoint alone is enough to sample from.
+BPE tokenizers also take `encode(text, allowed_special=True)`, which turns `<|endoftext|>` written in the text
+into its one id; by default it is plain text.
 """
+
+import base64
+import functools
+import heapq
+import json
+import re
+import unicodedata
+from collections import Counter, defaultdict
 
 
 class CharTokenizer:
@@ -38,8 +52,329 @@ class CharTokenizer:
         return {"type": "char", "chars": self.chars}
 
 
+# -----------------------------------------------------------------------------
+# The pre-split: text is cut into chunks (words with their leading space, numbers, punctuation runs, whitespace)
+# and BPE works inside each chunk, so no token spans two words. This is GPT-2's pattern, written for the Rust
+# regex engine that tiktoken uses: \p{L} is any letter, \p{N} any number, \s is Unicode's White_Space.
+
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+ENDOFTEXT = "<|endoftext|>"
+
+# Python's \s also matches \x1c-\x1f, which are not White_Space: spell the property out (it has been stable
+# since Unicode 6.3)
+WHITE_SPACE = ("\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a"
+               "\u2028\u2029\u202f\u205f\u3000")
+
+
+@functools.cache
+def character_classes():
+    """Python's `re` has no \\p{L} or \\p{N}: build them once from unicodedata, as the inside of a [...] class.
+    Letters and numbers are those of Python's Unicode version (14.0 in Python 3.11); tiktoken's may be newer,
+    so a character assigned since could split differently."""
+    members = {"L": [], "N": []}
+    for c in range(0x110000):
+        kind = unicodedata.category(chr(c))[0]
+        if kind in members:
+            members[kind].append(c)
+    members["s"] = [ord(c) for c in WHITE_SPACE]
+    return {k: "".join(f"\\U{a:08x}-\\U{b:08x}" if a != b else f"\\U{a:08x}" for a, b in runs(v))
+            for k, v in members.items()}
+
+
+def runs(codes):
+    """[1, 2, 3, 7] -> [[1, 3], [7, 7]]: sorted code points as inclusive ranges."""
+    out = []
+    for c in codes:
+        if out and out[-1][1] == c - 1:
+            out[-1][1] = c
+        else:
+            out.append([c, c])
+    return out
+
+
+@functools.cache
+def compile_pattern(pattern):
+    """A Rust-regex-style pattern (\\p{L}, \\p{N}, \\s, \\S) as a compiled Python pattern with the same meaning."""
+    classes = character_classes()
+    known = {r"\p{L}": ("L", ""), r"\p{N}": ("N", ""), r"\s": ("s", ""), r"\S": ("s", "^")}
+    out, in_class = [], False
+    for token in re.findall(r"\\[pP]\{\w*\}|\\.|\[\^?|\]|.", pattern, flags=re.DOTALL):
+        if token in known and not (in_class and known[token][1]):
+            name, negate = known[token]
+            out.append(classes[name] if in_class else f"[{negate}{classes[name]}]")
+        elif token[:2] in (r"\p", r"\P", r"\S"):
+            raise ValueError(f"{token} in {pattern!r} is not supported: only \\p{{L}}, \\p{{N}}, \\s and \\S")
+        else:
+            out.append(token)
+            in_class = token.startswith("[") or in_class and token != "]"
+    return re.compile("".join(out))
+
+
+# -----------------------------------------------------------------------------
+# Byte-level BPE: a chunk starts as its UTF-8 bytes, and pairs of ids merge into new ids, in the learned order.
+
+NEVER = 1 << 62  # the rank of a pair that was never merged
+
+
+def merge(ids, pair, new_id):
+    """Replace every occurrence of `pair` in `ids`, left to right, by `new_id`: [1, 2, 1, 2] -> [9, 9]."""
+    out, i = [], 0
+    while i < len(ids):
+        if i + 1 < len(ids) and ids[i] == pair[0] and ids[i + 1] == pair[1]:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+class BPETokenizer:
+    """Byte-level BPE. Ids 0..255 are single bytes (in `byte_order`), merge i makes id 256 + i from a pair of
+    earlier ids, and the special tokens come last. Any text, even one with lone surrogates, round-trips."""
+
+    def __init__(self, merges, byte_order=range(256), special_tokens=None, pattern=GPT2_PATTERN):
+        self.pattern = pattern
+        self.byte_order = list(byte_order)  # byte_order[i] is the byte that id i stands for
+        self.merges = [tuple(p) for p in merges]
+        self.special_tokens = dict(special_tokens or {})  # str -> id
+        self.vocab_size = 256 + len(self.merges) + len(self.special_tokens)
+        if sorted(self.byte_order) != list(range(256)):
+            raise ValueError("byte_order must hold each of the 256 byte values once")
+        if sorted(self.special_tokens.values()) != list(range(256 + len(self.merges), self.vocab_size)):
+            raise ValueError("the special tokens must take the ids right after the merges")
+
+        # the bytes of every id, and the tables encode() needs
+        self.vocab = [bytes([b]) for b in self.byte_order]
+        for i, (a, b) in enumerate(self.merges):
+            if not (0 <= a < 256 + i and 0 <= b < 256 + i):
+                raise ValueError(f"merge {i} uses an id that does not exist yet: {[a, b]}")
+            self.vocab.append(self.vocab[a] + self.vocab[b])
+        self.vocab += [s.encode("utf-8") for s in sorted(self.special_tokens, key=self.special_tokens.get)]
+        self.byte_ids = {b: i for i, b in enumerate(self.byte_order)}
+        self.ranks = {pair: 256 + i for i, pair in enumerate(self.merges)}  # an earlier merge has a lower id
+        specials = "|".join(map(re.escape, self.special_tokens))
+        self.special_split = re.compile(f"({specials})") if specials else None
+        self.cache = {}  # chunk -> its ids: real text repeats the same words again and again
+
+    # -- training --------------------------------------------------------------------------------------------
+
+    @classmethod
+    def train(cls, text, vocab_size, special_tokens=(ENDOFTEXT,), pattern=GPT2_PATTERN):
+        """Learn vocab_size - 256 - len(special_tokens) merges from `text`. Each step merges the most frequent
+        adjacent pair of ids; ties go to the smallest pair (id_a, id_b), so training is deterministic. Stops
+        early if no pair is left. Special tokens in the text only separate it: no merge crosses them."""
+        n_merges = vocab_size - 256 - len(special_tokens)
+        if n_merges < 0 or vocab_size > 65535:
+            raise SystemExit(f"error: --vocab_size={vocab_size} must be between {256 + len(special_tokens)} "
+                             f"(256 bytes + {len(special_tokens)} special) and 65535 (the most uint16 can hold)")
+
+        # count each distinct chunk once: BPE only ever sees a chunk's bytes, so equal chunks merge alike
+        split = compile_pattern(pattern)
+        parts = re.split("|".join(map(re.escape, special_tokens)), text) if special_tokens else [text]
+        chunks = Counter(chunk for part in parts for chunk in split.findall(part))
+        words = [list(chunk.encode("utf-8", "surrogatepass")) for chunk in chunks]
+        freqs = list(chunks.values())
+
+        # how often each pair occurs, which words hold it, and a max-heap of (-count, pair)
+        counts, where = defaultdict(int), defaultdict(set)
+        for w, ids in enumerate(words):
+            for pair in zip(ids, ids[1:]):
+                counts[pair] += freqs[w]
+                where[pair].add(w)
+        heap = [(-c, pair) for pair, c in counts.items()]
+        heapq.heapify(heap)
+
+        merges = []
+        while len(merges) < n_merges and heap:
+            neg_count, pair = heapq.heappop(heap)
+            if counts.get(pair) != -neg_count:  # an outdated entry: the pair's count changed since
+                continue
+            new_id = 256 + len(merges)
+            merges.append(pair)
+
+            # merge the pair in the words that hold it; only their pairs change, by the word's frequency
+            delta = defaultdict(int)
+            for w in where.pop(pair):
+                ids = words[w]
+                new_ids = merge(ids, pair, new_id)
+                if len(new_ids) == len(ids):  # the index may still name words the pair has left
+                    continue
+                for p in zip(ids, ids[1:]):
+                    delta[p] -= freqs[w]
+                for p in zip(new_ids, new_ids[1:]):
+                    delta[p] += freqs[w]
+                    where[p].add(w)
+                words[w] = new_ids
+            for p, d in delta.items():
+                if d:
+                    counts[p] += d
+                    if counts[p]:
+                        heapq.heappush(heap, (-counts[p], p))
+                    else:
+                        del counts[p]
+        specials = {s: 256 + len(merges) + i for i, s in enumerate(special_tokens)}
+        return cls(merges, range(256), specials, pattern)
+
+    # -- encoding and decoding -------------------------------------------------------------------------------
+
+    def encode_chunk(self, chunk):
+        """The ids of one pre-split chunk: its bytes, then the earliest-learned merge, again and again."""
+        ids = self.cache.get(chunk)
+        if ids is None:
+            ids = [self.byte_ids[b] for b in chunk.encode("utf-8", "surrogatepass")]
+            rank = self.ranks.get
+            while len(ids) > 1:
+                pair = min(zip(ids, ids[1:]), key=lambda p: rank(p, NEVER))
+                if pair not in self.ranks:
+                    break
+                ids = merge(ids, pair, self.ranks[pair])
+            if len(self.cache) > 200_000:  # bound the memory on endless, varied text
+                self.cache.clear()
+            self.cache[chunk] = ids
+        return ids
+
+    def encode(self, text, allowed_special=False):
+        """Text -> ids. With allowed_special=True a special token written in the text (like <|endoftext|>)
+        becomes its one id; by default it is encoded as plain text, so that no user text can forge one."""
+        parts = self.special_split.split(text) if allowed_special and self.special_split else [text]
+        split = compile_pattern(self.pattern)
+        ids = []
+        for i, part in enumerate(parts):
+            if i % 2:  # re.split puts the separators it captured at the odd places
+                ids.append(self.special_tokens[part])
+                continue
+            for chunk in split.findall(part):
+                ids.extend(self.encode_chunk(chunk))
+        return ids
+
+    def decode_bytes(self, ids):
+        bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
+        if bad is not None:
+            raise SystemExit(f"error: token id {bad} is not in this vocabulary (0 to {self.vocab_size - 1}); "
+                             f"use ids from this tokenizer")
+        return b"".join(self.vocab[i] for i in ids)
+
+    def decode(self, ids):
+        """Ids -> text. Any ids decode: bytes that are not UTF-8 (a character cut in two) become U+FFFD."""
+        data = self.decode_bytes(ids)
+        try:
+            return data.decode("utf-8", "surrogatepass")  # lone surrogates were encoded so: give them back
+        except UnicodeDecodeError:
+            return data.decode("utf-8", "replace")
+
+    # -- saving and loading ----------------------------------------------------------------------------------
+
+    def to_dict(self):
+        return {"type": "bpe", "pattern": self.pattern, "byte_order": list(self.byte_order),
+                "merges": [list(p) for p in self.merges], "special_tokens": dict(self.special_tokens)}
+
+    def save(self, path):
+        """Write the tokenizer as plain JSON (never pickle)."""
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, ensure_ascii=False)
+
+    @classmethod
+    def load(cls, path):
+        with open(path, encoding="utf-8") as f:
+            return from_dict(json.load(f))
+
+
+# -----------------------------------------------------------------------------
+# GPT-2's vocabulary, from the files it is published as. Its ids 0..255 are the bytes, in the order of
+# bytes_to_unicode below; 50,000 merges follow, then <|endoftext|> = 50256.
+
+def bytes_to_unicode():
+    """GPT-2's map from each byte to a printable character, used to write tokens in vocab.json and merges.txt:
+    printable Latin-1 bytes stand for themselves, the other 68 (controls, space, soft hyphen) become U+0100...
+    The order of this dict is also the order of GPT-2's 256 byte tokens."""
+    printable = [b for b in range(256) if chr(b).isprintable() and b != ord(" ")]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
+
+
+def file_error(path, what):
+    return SystemExit(f"error: {path} is not {what}; pass GPT-2's own file (see prepare.py --gpt2_vocab)")
+
+
+def gpt2_from_tiktoken(path):
+    """GPT-2 from a tiktoken rank file: one `base64(token bytes) rank` line per token, ranks 0, 1, 2, ...
+    The file has no merges, only tokens in the order they were learned: each token's pair is found by running
+    BPE on its bytes with the tokens learned before it, which leaves exactly two."""
+    tokens = []
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                token, rank = line.split()
+                tokens.append(base64.b64decode(token, validate=True))
+                rank = int(rank)
+            except ValueError:
+                raise file_error(path, f"a tiktoken rank file (line {n} is not `base64 rank`)")
+            if rank != n - 1:
+                raise file_error(path, f"a tiktoken rank file (line {n} has rank {rank}, not {n - 1})")
+    if len(tokens) < 256 or sorted(len(t) for t in tokens[:256]) != [1] * 256:
+        raise file_error(path, "a byte-level BPE rank file (its first 256 tokens are not the 256 bytes)")
+
+    ranks = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    for rank, token in enumerate(tokens[256:], 256):
+        parts = [token[i:i + 1] for i in range(len(token))]
+        while len(parts) > 2:  # merge the earliest-learned adjacent pair, as BPE does
+            pair_ranks = [ranks.get(a + b, rank) for a, b in zip(parts, parts[1:])]
+            i = min(range(len(pair_ranks)), key=pair_ranks.__getitem__)
+            if pair_ranks[i] == rank:  # no earlier token joins any two parts
+                break
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        if len(parts) != 2:
+            raise file_error(path, f"a BPE rank file (token {rank} is not a merge of two earlier tokens)")
+        merges.append((ranks[parts[0]], ranks[parts[1]]))
+    return BPETokenizer(merges, [t[0] for t in tokens[:256]], {ENDOFTEXT: len(tokens)})
+
+
+def gpt2_from_vocab_and_merges(vocab_path, merges_path):
+    """GPT-2 from vocab.json (token -> id) and merges.txt (one `token token` pair a line, in order), both with
+    tokens written through bytes_to_unicode. Hugging Face names them so; OpenAI's release names them
+    encoder.json and vocab.bpe. Entries of vocab.json past the merges are the special tokens."""
+    try:
+        with open(merges_path, encoding="utf-8") as f:
+            pairs = [line.split() for line in f.read().split("\n")[1:] if line.strip()]  # after "#version: 0.2"
+    except UnicodeDecodeError:
+        raise file_error(merges_path, "a merges.txt / vocab.bpe (it is not UTF-8 text)")
+    try:
+        with open(vocab_path, encoding="utf-8") as f:
+            entries = json.load(f)
+        n_tokens = 256 + len(pairs)
+        specials = {token: i for token, i in entries.items() if i >= n_tokens}
+        decode = {c: b for b, c in bytes_to_unicode().items()}
+        ids = {bytes(decode[c] for c in token): i for token, i in entries.items() if i < n_tokens}
+    except (ValueError, KeyError, AttributeError, TypeError):
+        raise file_error(vocab_path, "a GPT-2 vocab.json / encoder.json (a JSON map from token to id)")
+
+    # merge n joins two tokens into the token with id 256 + n
+    merges = []
+    for n, pair in enumerate(pairs):
+        try:
+            a, b = (bytes(decode[c] for c in token) for token in pair)
+            merges.append((ids[a], ids[b]))
+        except (ValueError, KeyError):
+            raise file_error(merges_path, f"a merges.txt / vocab.bpe for {vocab_path} (see line {n + 2})")
+        if ids.get(a + b) != 256 + n:
+            raise file_error(merges_path, f"in the order of {vocab_path} (merge {n} does not make id {256 + n})")
+    byte_order = [token[0] for token, i in sorted(ids.items(), key=lambda kv: kv[1]) if i < 256]
+    try:
+        return BPETokenizer(merges, byte_order, specials)
+    except ValueError as e:
+        raise file_error(vocab_path, f"a byte-level BPE vocabulary ({e})")
+
+
 def from_dict(d):
     """Rebuild a tokenizer from the dict that its `to_dict()` made."""
     if d.get("type") == "char":
         return CharTokenizer(d["chars"])
+    if d.get("type") == "bpe":
+        try:
+            return BPETokenizer(d["merges"], d["byte_order"], d["special_tokens"], d["pattern"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise SystemExit(f"error: the BPE tokenizer in this checkpoint or meta.json is damaged ({e}); "
+                             f"prepare the data again")
     raise SystemExit(f"error: unknown tokenizer type {d.get('type')!r} in this checkpoint or meta.json")

@@ -1,5 +1,7 @@
-"""Shared test helpers: the project root on sys.path, a small corpus, and a way to run the scripts."""
+"""Shared test helpers: the project root on sys.path, a small corpus, a way to run the scripts, and the reference
+libraries and files that tests compare against (skipped where missing, but never on CI)."""
 
+import importlib
 import os
 import subprocess
 import sys
@@ -10,6 +12,35 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 SHAKESPEARE = os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare", "input.txt")
+GPT2_TIKTOKEN = os.path.join(ROOT, "..", "shared", "data", "gpt2", "gpt2.tiktoken")
+
+
+def oracle(module):
+    """Import a library a test compares against; skip the test where it is missing, except on CI (env CI set),
+    where a silently skipped reference would hide a failure."""
+    if os.environ.get("CI"):
+        return importlib.import_module(module)
+    return pytest.importorskip(module)
+
+
+def gpt2_reference():
+    """GPT-2's tokenizer as tiktoken builds it from the shared rank file and GPT-2's published pattern."""
+    oracle("tiktoken")
+    import tiktoken.load
+
+    ranks = tiktoken.load.load_tiktoken_bpe(shared_file(GPT2_TIKTOKEN))
+    pattern = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+    return tiktoken.Encoding("gpt2-reference", pat_str=pattern, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": 50256})
+
+
+def shared_file(path):
+    """`path` from the shared data folder; skip the test where it is missing, except on CI, where it fails."""
+    if not os.path.exists(path):
+        if os.environ.get("CI"):
+            pytest.fail(f"{path} is missing on CI; the tests need the shared data folder")
+        pytest.skip(f"{path} is not here")
+    return path
 
 
 def run_script(script, *args, cwd, timeout=300, env=None):

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 import prepare
-from conftest import one_error_line, run_script, small_text
-from tokenizer import CharTokenizer, from_dict
+from conftest import GPT2_TIKTOKEN, gpt2_reference, one_error_line, run_script, shared_file, small_text
+from tokenizer import ENDOFTEXT, CharTokenizer, from_dict
 
 
 def test_char_tokenizer_round_trips_any_text_including_non_ascii():
@@ -38,6 +38,36 @@ def test_prepare_writes_uint16_splits_and_metadata(tmp_path):
     assert meta["source_sha256"] == __import__("hashlib").sha256(text.encode("utf-8")).hexdigest()
     tok = from_dict(meta["tokenizer"])
     assert tok.decode(train.tolist()) + tok.decode(val.tolist()) == text  # nothing lost, nothing added
+
+
+def test_prepare_bpe_learns_from_train_text_and_keeps_endoftext_one_token(tmp_path):
+    text = small_text(200) + ENDOFTEXT + "A second document, café 🙂.\n" + small_text(30)
+    (tmp_path / "book.txt").write_text(text, encoding="utf-8")
+    out = tmp_path / "data"
+    prepare.prepare(input=str(tmp_path / "book.txt"), tokenizer="bpe", vocab_size=300, data_dir=str(out))
+
+    meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+    train = np.fromfile(out / "train.bin", dtype=np.uint16).tolist()
+    val = np.fromfile(out / "val.bin", dtype=np.uint16).tolist()
+    tok = from_dict(meta["tokenizer"])
+    assert meta["vocab_size"] == tok.vocab_size == 300 and meta["tokenizer"]["type"] == "bpe"
+    assert tok.decode(train) + tok.decode(val) == text
+    assert train.count(tok.special_tokens[ENDOFTEXT]) == 1  # the separator, not 13 characters of text
+
+
+def test_prepare_gpt2_writes_the_ids_tiktoken_gives(tmp_path):
+    text = small_text(50) + ENDOFTEXT + "Ünïcödé ✓ 日本 🙂\n" * 20
+    (tmp_path / "book.txt").write_text(text, encoding="utf-8")
+    out = tmp_path / "data"
+    prepare.prepare(input=str(tmp_path / "book.txt"), tokenizer="gpt2", gpt2_vocab=shared_file(GPT2_TIKTOKEN),
+                    data_dir=str(out))
+
+    enc = gpt2_reference()
+    n = int(len(text) * 0.9)
+    assert np.fromfile(out / "train.bin", dtype=np.uint16).tolist() == enc.encode(text[:n], allowed_special="all")
+    assert np.fromfile(out / "val.bin", dtype=np.uint16).tolist() == enc.encode(text[n:], allowed_special="all")
+    meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+    assert meta["vocab_size"] == 50257 and from_dict(meta["tokenizer"]).encode("Hello world") == [15496, 995]
 
 
 def test_prepare_downloads_nothing_when_input_txt_exists(corpus):
@@ -137,6 +167,18 @@ def test_bad_input_gives_one_clear_line(tmp_path, content, message):
         (tmp_path / name).write_bytes(content)
     result = run_script("prepare.py", f"--input={name}", cwd=tmp_path)
     assert message in one_error_line(result)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tokenizer=bpe", "--vocab_size=256"], "--vocab_size=256 must be between 257 (256 bytes + 1 special) and 65535"),
+    (["--tokenizer=bpe", "--vocab_size=65536"], "--vocab_size=65536 must be between 257"),
+    (["--vocab_size=300"], "--vocab_size only applies to --tokenizer=bpe"),
+    (["--tokenizer=bpe", "--gpt2_vocab=x"], "--gpt2_vocab only applies to --tokenizer=gpt2"),
+    (["--tokenizer=gpt2", "--gpt2_vocab=nowhere"], "--gpt2_vocab=nowhere not found; pass --gpt2_vocab=PATH"),
+    (["--tokenizer=wordpiece"], "--tokenizer=wordpiece is unknown; use char, bpe or gpt2"),
+])
+def test_bad_tokenizer_settings_give_one_clear_line(corpus, args, message):
+    assert message in one_error_line(run_script("prepare.py", *args, cwd=corpus))
 
 
 def test_a_vocabulary_beyond_uint16_is_refused(tmp_path):
