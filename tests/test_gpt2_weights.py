@@ -1,7 +1,6 @@
 """GPT.from_pretrained and read_safetensors, checked against the transformers library's GPT-2 and the safetensors
 format. Everything runs offline on tiny random models: the network is never touched."""
 
-import importlib
 import json
 import os
 import shutil
@@ -10,6 +9,7 @@ import pytest
 import torch
 
 import gpt
+from conftest import oracle
 import prepare
 from generate import generate
 from gpt import GPT, read_safetensors
@@ -18,11 +18,6 @@ SAFETENSORS_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: 
                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
                      torch.bool: "BOOL"}
 TINY = dict(n_layer=2, n_head=4, n_embd=64, n_positions=32, vocab_size=100)
-
-
-def oracle(module):
-    """A reference library, or a skip where it is not installed; on CI (env CI set) a missing one fails loudly."""
-    return importlib.import_module(module) if os.environ.get("CI") else pytest.importorskip(module)
 
 
 def random_gpt2(seed=0, **shape):
