@@ -5,6 +5,7 @@ generate.py: sample text from a checkpoint that train.py wrote.
     python generate.py --prompt="ROMEO:" --num_samples=3 --max_new_tokens=200
     python generate.py --prompt=FILE:prompt.txt --temperature=0   # greedy: always the most likely token
     python generate.py --top_k=40 --top_p=0.9 --seed=7
+    python generate.py --init_from=gpt2 --prompt="Hello, I'm a language model,"   # OpenAI's GPT-2 (downloaded once)
 
 The checkpoint holds everything needed (weights, model shape, tokenizer). Text streams to stdout as it is made;
 the speed goes to stderr. Each new token is one forward pass over one position, thanks to the key/value cache in
@@ -12,6 +13,7 @@ gpt.py; `--kv_cache=False` recomputes the whole context every step instead (same
 """
 
 import codecs
+import os
 import sys
 import time
 
@@ -20,10 +22,11 @@ from torch.nn import functional as F
 
 import configurator
 import tokenizer as tokenizers
-from gpt import load_checkpoint, model_from_checkpoint
+from gpt import GPT2_SIZES, GPT, load_checkpoint, model_from_checkpoint
 
 # -----------------------------------------------------------------------------
-init_from = "out/best.pt"  # the checkpoint to sample from
+init_from = "out/best.pt"  # a checkpoint of train.py's, or GPT-2: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a
+#                            folder with a GPT-2's config.json and model.safetensors (and vocab.json, merges.txt)
 prompt = "\n"  # text to continue, or FILE:path to read it from a file
 num_samples = 1  # independent samples, generated together as one batch
 max_new_tokens = 500  # tokens to generate per sample
@@ -89,13 +92,12 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, ge
             context, cache = context[:, -keep:], None
 
 
-def sample_text(model, tokenizer_dict, prompt_text, max_new_tokens, num_samples=1, temperature=0.8, top_k=0,
-                top_p=1.0, seed=1337, kv_cache=True, out=sys.stdout):
+def sample_text(model, tok, prompt_text, max_new_tokens, num_samples=1, temperature=0.8, top_k=0, top_p=1.0,
+                seed=1337, kv_cache=True, out=sys.stdout):
     """Generate from a prompt string and write the text to `out`, streaming it when there is one sample."""
-    tok = tokenizers.from_dict(tokenizer_dict)
     model.eval()
     device = model.lm_head.weight.device
-    ids = tok.encode(prompt_text)
+    ids = tok.encode(prompt_text, allowed_special=True)  # a prompt may start with <|endoftext|>, as GPT-2's do
     if not ids:
         raise SystemExit("error: the prompt is empty after encoding; give some text with --prompt")
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)  # (B, T)
@@ -123,6 +125,17 @@ def sample_text(model, tokenizer_dict, prompt_text, max_new_tokens, num_samples=
     return texts
 
 
+def load_model(init_from):
+    """The model and its tokenizer: from a train.py checkpoint, or GPT-2's published weights (a size or a folder)."""
+    if init_from in GPT2_SIZES or os.path.isdir(init_from):
+        import prepare  # GPT-2's vocabulary: beside the weights when the folder has it, else downloaded once
+
+        has_vocab = os.path.isfile(os.path.join(init_from, "vocab.json"))
+        return GPT.from_pretrained(init_from), prepare.gpt2_tokenizer(init_from if has_vocab else "")
+    ckpt = load_checkpoint(init_from)
+    return model_from_checkpoint(ckpt, init_from), tokenizers.from_dict(ckpt["tokenizer"])
+
+
 def main(args):
     configurator.configure(globals(), args)
     if max_new_tokens < 1:
@@ -144,11 +157,9 @@ def main(args):
             raise SystemExit(f"error: cannot read the prompt file {text[5:]} ({type(e).__name__}); "
                              f"give a UTF-8 text file")
     dev = configurator.pick_device(device)
-    ckpt = load_checkpoint(init_from, map_location=dev)
-    model = model_from_checkpoint(ckpt, init_from).to(dev)
+    model, tok = load_model(init_from)
     try:
-        sample_text(model, ckpt["tokenizer"], text, max_new_tokens, num_samples, temperature, top_k, top_p, seed,
-                    kv_cache)
+        sample_text(model.to(dev), tok, text, max_new_tokens, num_samples, temperature, top_k, top_p, seed, kv_cache)
     except KeyboardInterrupt:
         print(file=sys.stderr)
         raise SystemExit(130)

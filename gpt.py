@@ -163,6 +163,12 @@ class GPT(nn.Module):
         model.load_state_dict(gpt2_state_dict(tensors, model, source))  # copies, converting fp16/bf16 to fp32
         return model
 
+    def crop_block_size(self, block_size):
+        """Keep only the first block_size positions: fine-tune GPT-2 (1024) on shorter, cheaper contexts."""
+        assert block_size <= self.config.block_size
+        self.config.block_size = block_size
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].clone())
+
     def num_params(self, non_embedding=False):
         """Parameters counted once (the tied lm_head is wte); non_embedding leaves out the position table."""
         n = sum(p.numel() for p in self.parameters())

@@ -174,10 +174,7 @@ def prepare(input=DEFAULT_INPUT, tokenizer="char", data_dir="", val_fraction=0.1
                          f"use a smaller text or a tokenizer with a smaller vocabulary")
 
     # <|endoftext|> in the text separates documents: with BPE it is the one special token
-    def encode(part):
-        return tok.encode(part) if tokenizer == "char" else tok.encode(part, allowed_special=True)
-
-    splits = {"train": encode(text[:n]), "val": encode(text[n:])}
+    splits = {"train": tok.encode(text[:n], allowed_special=True), "val": tok.encode(text[n:], allowed_special=True)}
     for split, ids in splits.items():
         if len(ids) < 2:  # one (input, target) pair is the least a block can hold
             raise SystemExit(f"error: {input} is too short: its {split} split has {len(ids)} tokens, "
@@ -201,9 +198,13 @@ def prepare(input=DEFAULT_INPUT, tokenizer="char", data_dir="", val_fraction=0.1
     return data_dir
 
 
-if __name__ == "__main__":
-    overridden = configurator.configure(globals(), sys.argv[1:])
+def main(args):
+    overridden = configurator.configure(globals(), args)
     for key, owner in (("vocab_size", "bpe"), ("gpt2_vocab", "gpt2")):
         if key in overridden and tokenizer != owner:
             raise SystemExit(f"error: --{key} only applies to --tokenizer={owner}; drop it or add --tokenizer={owner}")
     prepare(input, tokenizer, data_dir, val_fraction, vocab_size, gpt2_vocab)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -11,8 +11,8 @@ Every tokenizer has the same small API: `encode(text) -> list[int]`, `decode(ids
 `decode_bytes(ids) -> bytes` (for streaming output a token at a time), `vocab_size`, and `to_dict()`, a plain
 JSON-able dict that `from_dict` turns back into the tokenizer. That dict is what prepare.py writes to meta.json
 and train.py stores inside every checkpoint, so a checkpoint alone is enough to sample from.
-BPE tokenizers also take `encode(text, allowed_special=True)`, which turns `<|endoftext|>` written in the text
-into its one id; by default it is plain text.
+`encode(text, allowed_special=True)` turns `<|endoftext|>` written in the text into its one id (BPE only);
+by default it is plain text.
 """
 
 import base64
@@ -34,7 +34,7 @@ class CharTokenizer:
     def train(cls, text):
         return cls("".join(sorted(set(text))))
 
-    def encode(self, text):
+    def encode(self, text, allowed_special=False):  # no special tokens here: the argument is for a uniform API
         unknown = sorted(set(text) - self.ids.keys())
         if unknown:
             shown = " ".join(repr(c) for c in unknown[:20])

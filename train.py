@@ -28,15 +28,17 @@ import torch
 import torch.distributed as dist
 
 import configurator
-from gpt import GPT, GPTConfig, load_checkpoint, model_from_checkpoint
+import tokenizer as tokenizers
+from gpt import GPT2_SIZES, GPT, GPTConfig, load_checkpoint, model_from_checkpoint
 from prepare import write_atomically
 
 # -----------------------------------------------------------------------------
 # where from, where to
 data_dir = "data/char"  # prepared data: train.bin, val.bin, meta.json
 out_dir = "out"  # checkpoints and config.json
-init_from = "scratch"  # 'scratch', or 'resume' to continue out_dir/last.pt
-# the model (when resuming, the checkpoint's shape is used)
+init_from = "scratch"  # 'scratch', 'resume' (continue out_dir/last.pt), or fine-tune GPT-2: 'gpt2', 'gpt2-medium',
+#                        'gpt2-large', 'gpt2-xl' or a folder with a GPT-2's config.json and model.safetensors
+# the model (when resuming or fine-tuning, the checkpoint's shape is used; block_size may crop GPT-2's 1024)
 n_layer = 4  # transformer blocks: depth
 n_head = 4  # attention heads per block
 n_embd = 128  # width of the residual stream; cost grows with its square
@@ -69,7 +71,7 @@ seed = 1337  # same seed and settings on a CPU: the same run, step for step
 # -----------------------------------------------------------------------------
 
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias")
-DEFAULT_DATA = {os.path.join("data", t): t for t in ("char",)}  # data dirs train.py may prepare itself
+DEFAULT_DATA = {os.path.join("data", t): t for t in ("char", "bpe", "gpt2")}  # data train.py may prepare itself
 GPU_PEAK_FLOPS = {  # dense bf16/fp16 tensor-core peaks from the vendors' datasheets, FLOP/s; first match wins
     "H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
     "A10": 125e12, "V100": 125e12, "T4": 65e12,
@@ -153,8 +155,9 @@ def main(args):
             saved = ", ".join(f"{k}={ckpt['model_config'].get(k)}" for k in clash)
             raise SystemExit(f"error: the checkpoint in {out_dir} has {saved}; drop those flags to resume, "
                              f"or start a new run with --init_from=scratch --out_dir=NEW_DIR")
-    elif init_from != "scratch":
-        raise SystemExit(f"error: --init_from={init_from} is unknown; use scratch or resume")
+    elif init_from != "scratch" and init_from not in GPT2_SIZES and not os.path.isdir(init_from):
+        raise SystemExit(f"error: --init_from={init_from} is unknown; use scratch, resume, a GPT-2 size "
+                         f"({', '.join(GPT2_SIZES)}), or a folder with a GPT-2's config.json and model.safetensors")
     check_settings()
     settings = {k: globals()[k] for k in configurator.setting_names(globals())}
 
@@ -219,8 +222,18 @@ def train(settings, ckpt, ddp, rank, world, dev):
             raise SystemExit(f"error: the data in {data_dir} was tokenized differently from the checkpoint in "
                              f"{out_dir}; pass the --data_dir the run was trained on")
         model = model_from_checkpoint(ckpt, os.path.join(out_dir, "last.pt"))
-    else:
+    elif init_from == "scratch":
         model = GPT(GPTConfig(vocab_size=vocab_size, **{k: settings[k] for k in MODEL_KEYS}))
+    else:  # fine-tuning GPT-2: the shape comes with the weights
+        model = GPT.from_pretrained(init_from, dropout=dropout)
+        if model.config.vocab_size != vocab_size:
+            raise SystemExit(f"error: {init_from} has a vocabulary of {model.config.vocab_size} but the data in "
+                             f"{data_dir} has {vocab_size}; prepare it with python prepare.py --tokenizer=gpt2")
+        if block_size > model.config.block_size:
+            raise SystemExit(f"error: --block_size={block_size} is longer than {init_from}'s "
+                             f"{model.config.block_size} positions")
+        model.crop_block_size(block_size)
+    settings.update({k: getattr(model.config, k) for k in MODEL_KEYS})  # what was built, for config.json
     model.to(dev)
 
     # AdamW: weight decay on matrices and embeddings (dim >= 2), none on biases and LayerNorm gains
@@ -389,7 +402,7 @@ def train(settings, ckpt, ddp, rank, world, dev):
         from generate import sample_text
 
         log("-" * 40 + " a sample " + "-" * 40)
-        sample_text(raw_model, meta["tokenizer"], "\n", sample_length, seed=seed)
+        sample_text(raw_model, tokenizers.from_dict(meta["tokenizer"]), "\n", sample_length, seed=seed)
 
 
 def rng_state(data_rng, ddp):

@@ -2,6 +2,7 @@
 libraries and files that tests compare against (skipped where missing, but never on CI)."""
 
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -67,8 +68,36 @@ def corpus(tmp_path):
 
 
 def one_error_line(result):
-    """Assert a script failed with exactly one line on stderr that starts with 'error:'; return that line."""
+    """Assert a script failed with no traceback and one 'error: ...' line, the last thing it printed to stderr
+    (progress lines such as 'downloading ...' may come before it); return that line."""
     lines = result.stderr.strip().splitlines()
     assert result.returncode != 0, result.stdout + result.stderr
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
+    assert "Traceback" not in result.stderr, result.stderr
+    assert [line for line in lines if line.startswith("error: ")] == lines[-1:], result.stderr
+    return lines[-1]
+
+
+def random_gpt2(seed=0, **shape):
+    """A transformers GPT2LMHeadModel with every parameter random, LayerNorms and biases included, and logits
+    spread widely enough that greedy decoding meets no near-ties."""
+    import torch
+
+    transformers = oracle("transformers")
+    torch.manual_seed(seed)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**shape, initializer_range=0.3))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def write_vocab_and_merges(tok, folder, names=("vocab.json", "merges.txt")):
+    """Write `tok` the way Hugging Face (or, with other names, OpenAI's release) publishes GPT-2."""
+    from tokenizer import bytes_to_unicode
+
+    show = bytes_to_unicode()
+    text = ["".join(show[b] for b in token) for token in tok.vocab]
+    vocab = {text[i]: i for i in range(256 + len(tok.merges))} | tok.special_tokens
+    (folder / names[0]).write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    lines = [f"{text[a]} {text[b]}" for a, b in tok.merges]
+    (folder / names[1]).write_text("#version: 0.2\n" + "\n".join(lines) + "\n", encoding="utf-8")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import gpt
-from conftest import oracle
+from conftest import oracle, random_gpt2
 import prepare
 from generate import generate
 from gpt import GPT, read_safetensors
@@ -18,18 +18,6 @@ SAFETENSORS_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: 
                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
                      torch.bool: "BOOL"}
 TINY = dict(n_layer=2, n_head=4, n_embd=64, n_positions=32, vocab_size=100)
-
-
-def random_gpt2(seed=0, **shape):
-    """A transformers GPT2LMHeadModel with every parameter random, LayerNorms and biases included, and logits
-    spread widely enough that greedy decoding meets no near-ties."""
-    transformers = oracle("transformers")
-    torch.manual_seed(seed)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**shape, initializer_range=0.3))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@ from collections import Counter
 import pytest
 
 import prepare
-from conftest import GPT2_TIKTOKEN, SHAKESPEARE, gpt2_reference, oracle, shared_file, small_text
+from conftest import (GPT2_TIKTOKEN, SHAKESPEARE, gpt2_reference, oracle, shared_file, small_text,
+                      write_vocab_and_merges)
 from tokenizer import ENDOFTEXT, GPT2_PATTERN, BPETokenizer, bytes_to_unicode, compile_pattern, from_dict
 
 TRICKY_TEXTS = [
@@ -226,16 +227,6 @@ def test_gpt2_encodes_random_unicode_exactly_like_tiktoken(gpt2, tiktoken_gpt2):
 def test_gpt2_encodes_tiny_shakespeare_exactly_like_tiktoken(gpt2, tiktoken_gpt2):
     text = open(shared_file(SHAKESPEARE), encoding="utf-8").read()
     assert gpt2.encode(text) == tiktoken_gpt2.encode(text)
-
-
-def write_vocab_and_merges(tok, folder, names=("vocab.json", "merges.txt")):
-    """Write `tok` the way Hugging Face (or, with other names, OpenAI's release) publishes GPT-2."""
-    show = bytes_to_unicode()
-    text = ["".join(show[b] for b in token) for token in tok.vocab]
-    vocab = {text[i]: i for i in range(256 + len(tok.merges))} | tok.special_tokens
-    (folder / names[0]).write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    lines = [f"{text[a]} {text[b]}" for a, b in tok.merges]
-    (folder / names[1]).write_text("#version: 0.2\n" + "\n".join(lines) + "\n", encoding="utf-8")
 
 
 def test_gpt2_loads_alike_from_tiktoken_vocab_json_and_encoder_json(gpt2, tmp_path, monkeypatch):
