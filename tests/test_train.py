@@ -70,3 +70,16 @@ def test_mfu_on_cpu_is_measured_against_a_matmul_probe():
 
     assert 1e9 < train.peak_flops("cpu", torch.float32) < 1e14
     assert train.peak_flops("mps", torch.float32) is None
+
+
+def test_auto_precision_on_cpu_takes_bf16_only_for_wide_models_where_it_is_faster(corpus):
+    import train
+
+    args = ["--n_layer=1", "--n_head=4", "--block_size=16", "--batch_size=2", "--max_iters=1", "--eval_iters=1",
+            "--sample_length=0"]
+    bf16_pays = train.cpu_matmul_flops(torch.bfloat16) > 1.5 * train.cpu_matmul_flops(torch.float32)
+    for width, expected in ((128, "float32"), (256, "bfloat16" if bf16_pays else "float32")):
+        result = run_script("train.py", *args, f"--n_embd={width}", f"--out_dir=out{width}", cwd=corpus)
+        assert result.returncode == 0, result.stderr
+        assert json.loads((corpus / f"out{width}" / "config.json").read_text())["dtype"] == expected
+        assert torch.load(corpus / f"out{width}" / "last.pt", weights_only=True)["precision"] == expected
