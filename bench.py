@@ -35,6 +35,7 @@ block_size = 256
 vocab_size = 65
 max_new_tokens = 500
 num_samples = 1  # sequences generated together in one batch
+dtype = "float32"  # the weights' precision for --what=sample: float32, bfloat16 or float16
 device = "auto"
 # -----------------------------------------------------------------------------
 
@@ -51,7 +52,8 @@ def run_train(train_args):
     curve, iters, memory = [], [], "n/a"
     for line in process.stdout:
         seconds = time.perf_counter() - t_launch
-        print(f"  {seconds:6.1f} s | {line}", end="", flush=True)
+        line = line.rstrip("\n")
+        print(f"  {seconds:6.1f} s | {line}", flush=True)
         if m := EVAL_LINE.match(line):
             curve.append((seconds, int(m[1]), float(m[3])))
         elif m := ITER_LINE.match(line):
@@ -99,22 +101,25 @@ def bench_sample():
     dev = configurator.pick_device(device)
     torch.manual_seed(0)
     config = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, vocab_size=vocab_size)
-    model = GPT(config).to(dev).eval()
+    model = GPT(config).to(dev, getattr(torch, dtype)).eval()
     prompt = torch.zeros((num_samples, 1), dtype=torch.long, device=dev)
     print(f"{model.num_params() / 1e6:.2f}M parameters, block_size {block_size}, {max_new_tokens} new tokens, "
-          f"batch {num_samples}, on {dev} with {torch.get_num_threads()} threads")
-    speeds = {}
-    for kv_cache in (True, False):
-        for _ in generate(model, prompt, 8, kv_cache=kv_cache):  # warm up
-            pass
-        t0 = time.perf_counter()
-        for _ in generate(model, prompt, max_new_tokens, kv_cache=kv_cache):
-            pass
-        if dev.startswith("cuda"):
-            torch.cuda.synchronize()
-        speeds[kv_cache] = max_new_tokens * num_samples / (time.perf_counter() - t0)
-        print(f"  kv_cache={kv_cache!s:5s}: {speeds[kv_cache]:8,.0f} tokens/s")
-    print(f"  speed-up of the cache: {speeds[True] / speeds[False]:.1f}x")
+          f"batch {num_samples}, {dtype}, on {dev} with {torch.get_num_threads()} threads")
+    speeds = {True: [], False: []}
+    for i in range(repeat):  # alternate the two, so that a noisy neighbour slows both alike
+        for kv_cache in (True, False):
+            for _ in generate(model, prompt, 8, kv_cache=kv_cache):  # warm up
+                pass
+            t0 = time.perf_counter()
+            for _ in generate(model, prompt, max_new_tokens, kv_cache=kv_cache):
+                pass
+            if dev.startswith("cuda"):
+                torch.cuda.synchronize()
+            speeds[kv_cache].append(max_new_tokens * num_samples / (time.perf_counter() - t0))
+            print(f"  run {i + 1}, kv_cache={kv_cache!s:5s}: {speeds[kv_cache][-1]:8,.0f} tokens/s")
+    cached, uncached = statistics.median(speeds[True]), statistics.median(speeds[False])
+    print(f"median of {repeat}: {cached:,.0f} tokens/s with the cache, {uncached:,.0f} without: "
+          f"{cached / uncached:.1f}x")
 
 
 if __name__ == "__main__":

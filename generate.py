@@ -36,6 +36,7 @@ top_p = 1.0  # sample only among the most likely tokens whose probabilities add 
 seed = 1337  # the same seed, checkpoint and settings give the same text
 kv_cache = True  # reuse the keys and values of earlier positions
 device = "auto"  # 'auto' (cuda, then mps, then cpu), or 'cpu', 'cuda', 'mps'
+dtype = "auto"  # the weights' precision: 'auto' (bf16 or fp16 on a GPU, fp32 elsewhere), 'float32', 'bfloat16'
 # -----------------------------------------------------------------------------
 
 
@@ -148,6 +149,8 @@ def main(args):
         raise SystemExit(f"error: --top_k={top_k} must be >= 0 (0 means no limit)")
     if not 0 < top_p <= 1:
         raise SystemExit(f"error: --top_p={top_p} must be in (0, 1] (1 means no limit)")
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise SystemExit(f"error: --dtype={dtype} is unknown; use auto, float32, bfloat16 or float16")
     text = prompt
     if text.startswith("FILE:"):
         try:
@@ -158,8 +161,14 @@ def main(args):
                              f"give a UTF-8 text file")
     dev = configurator.pick_device(device)
     model, tok = load_model(init_from)
+    precision = dtype
+    if precision == "auto" and dev.startswith("cuda"):
+        precision = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    elif precision == "auto":  # on a CPU bf16 gains little for sampling (see README, Speed)
+        precision = "float32"
     try:
-        sample_text(model.to(dev), tok, text, max_new_tokens, num_samples, temperature, top_k, top_p, seed, kv_cache)
+        sample_text(model.to(dev, getattr(torch, precision)), tok, text, max_new_tokens, num_samples, temperature,
+                    top_k, top_p, seed, kv_cache)
     except KeyboardInterrupt:
         print(file=sys.stderr)
         raise SystemExit(130)

@@ -391,10 +391,11 @@ def train(settings, ckpt, ddp, rank, world, dev):
                 if ddp:  # the mean over all processes' batches, as one process would report it
                     dist.all_reduce(loss_sum)
                     loss_sum /= world
-                dt = (time.perf_counter() - t0) / max(1, iter_num - t0_iter)
+                dt = (time.perf_counter() - t0) / max(1, iter_num - t0_iter)  # over the steps since the last line
                 mfu = f"{flops_per_token * tokens_per_iter / dt / peak / world:.1%}" if peak else "n/a"
                 log(f"iter {iter_num}: loss {loss_sum.item():.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
                     f"{tokens_per_iter / dt:,.0f} tok/s, mfu {mfu}", flush=True)
+                t0, t0_iter = time.perf_counter(), iter_num
             if flags[0]:
                 save(["last.pt"])
                 log(f"saved {out_dir}/last.pt at step {iter_num}; continue with --init_from=resume")

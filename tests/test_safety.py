@@ -247,6 +247,7 @@ def test_a_truncated_or_corrupted_checkpoint_is_a_clear_error(script, corpus, da
     (["--temperature=-1"], "--temperature=-1.0 must be >= 0"),
     (["--top_k=-1"], "--top_k=-1 must be >= 0"),
     (["--num_samples=0"], "--num_samples=0 must be at least 1"),
+    (["--dtype=int8"], "--dtype=int8 is unknown"),
     (["--prompt=FILE:nope.txt"], "cannot read the prompt file nope.txt"),
     (["--prompt=日本"], "outside this model's vocabulary: '日' '本'"),
     (["--init_from=missing.pt"], "no checkpoint at missing.pt"),

@@ -39,6 +39,9 @@ def test_end_to_end_prepare_train_checkpoint_generate(corpus):
     again = run_script("generate.py", "--init_from=out/best.pt", "--prompt=The king", "--max_new_tokens=50",
                        "--seed=3", cwd=corpus)
     assert again.stdout == result.stdout
+    in_bf16 = run_script("generate.py", "--init_from=out/best.pt", "--prompt=The king", "--max_new_tokens=50",
+                         "--dtype=bfloat16", "--num_samples=2", cwd=corpus)
+    assert in_bf16.returncode == 0 and in_bf16.stdout.count("The king") == 2, in_bf16.stderr
 
 
 def test_best_checkpoint_never_records_a_worse_val_loss(corpus):
