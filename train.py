@@ -331,8 +331,8 @@ def train(settings, ckpt, ddp, rank, world, dev):
     handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 
     # the loop
-    n_params = raw_model.num_params()
-    flops_per_token = 6 * raw_model.num_params(non_embedding=True) + 6 * n_layer * n_embd * block_size
+    n_params, c = raw_model.num_params(), raw_model.config
+    flops_per_token = 6 * raw_model.num_params(non_embedding=True) + 6 * c.n_layer * c.n_embd * c.block_size
     peak = peak_flops(device_type, ptdtype)
     tokens_per_iter = batch_size * gradient_accumulation_steps * block_size
     log(f"{n_params / 1e6:.2f}M parameters on {dev} ({precision}, {world} process{'es' * (world > 1)}), "
@@ -423,29 +423,22 @@ def train(settings, ckpt, ddp, rank, world, dev):
 
 
 def rng_state(data_rng, ddp):
-    """Every random state a step can touch, so that a resumed run draws the same numbers as an unbroken one."""
-    torch_state = torch.get_rng_state()
-    cuda_state = torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.empty(0, dtype=torch.uint8)
-    if ddp:  # dropout differs per process: keep every process's state
+    """Every random state a step can touch, as tensors and plain values, so that a resumed run draws the same
+    numbers as an unbroken one. Dropout differs per process, so under DDP every process's torch state is kept."""
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.empty(0, dtype=torch.uint8)
+    states = [(torch.get_rng_state(), cuda)]
+    if ddp:
         states = [None] * dist.get_world_size()
-        dist.all_gather_object(states, (torch_state, cuda_state))
-        torch_state, cuda_state = [s[0] for s in states], [s[1] for s in states]
-    else:
-        torch_state, cuda_state = [torch_state], [cuda_state]
-    np_state = np.random.get_state()
-    return {
-        "python": list(random.getstate()[1]),
-        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
-        "numpy_pos": int(np_state[2]),
-        "torch": torch_state,
-        "cuda": cuda_state,
-        "data": data_rng.get_state(),
-    }
+        dist.all_gather_object(states, (torch.get_rng_state(), cuda))
+    _, keys, *rest = np.random.get_state()  # ('MT19937', 624 uint32 keys, position, gauss flag, gauss)
+    return {"python": list(random.getstate()[1]), "numpy": [torch.from_numpy(keys.astype(np.int64)), *rest],
+            "torch": [s[0] for s in states], "cuda": [s[1] for s in states], "data": data_rng.get_state()}
 
 
 def set_rng_state(state, data_rng, rank):
     random.setstate((3, tuple(state["python"]), None))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"]))
+    keys, *rest = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), *rest))
     r = rank if rank < len(state["torch"]) else 0  # resuming on more processes than saved: reuse the first
     torch.set_rng_state(state["torch"][r])
     if torch.cuda.is_available() and state["cuda"][r].numel():

@@ -72,6 +72,26 @@ def test_a_resumed_run_is_bit_identical_to_an_unbroken_one(script, corpus):
         assert_same_state(pa, pb)
 
 
+def test_every_random_state_survives_a_checkpoint_round_trip(tmp_path):
+    import io
+    import random
+
+    import train
+
+    data_rng = torch.Generator().manual_seed(3)
+    random.seed(1), np.random.seed(2), torch.manual_seed(4)
+    buffer = io.BytesIO()
+    torch.save(train.rng_state(data_rng, ddp=False), buffer)
+
+    def draw():
+        return random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=data_rng).item()
+
+    first = draw()
+    buffer.seek(0)
+    train.set_rng_state(torch.load(buffer, weights_only=True), data_rng, rank=0)
+    assert draw() == first
+
+
 def test_the_same_seed_and_settings_give_the_same_loss_curve(script, capsys):
     def curve(*extra):
         script("train", *TINY, "--max_iters=20", "--log_interval=1", "--eval_interval=10", *extra)
