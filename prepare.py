@@ -163,14 +163,17 @@ def prepare(input=DEFAULT_INPUT, tokenizer="char", data_dir="", val_fraction=0.1
         raise SystemExit(f"error: --val_fraction={val_fraction} must be between 0 and 1, like 0.1")
     text, sha256 = read_text(input)
     n = int(len(text) * (1 - val_fraction))  # split the text (not the tokens): no token straddles the boundary
+    eot = text.find(tokenizers.ENDOFTEXT, max(0, n - len(tokenizers.ENDOFTEXT) + 1))
+    if 0 <= eot < n:  # nor is <|endoftext|> cut in two: it starts the val split instead
+        n = eot
 
     # the char vocabulary must cover the val text too; BPE learns from the train text only (bytes cover the rest)
     t0 = time.perf_counter()
     tok = make_tokenizer(tokenizer, text if tokenizer == "char" else text[:n], vocab_size, gpt2_vocab)
     if tokenizer != "char":
         print(f"{tokenizer} tokenizer ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    if tok.vocab_size > 2**16 - 1:
-        raise SystemExit(f"error: {input} has {tok.vocab_size} distinct tokens, more than uint16 can hold (65535); "
+    if tok.vocab_size > 2**16:  # ids 0..65535 fit in uint16
+        raise SystemExit(f"error: {input} has {tok.vocab_size:,} distinct tokens, but uint16 holds ids up to 65,535; "
                          f"use a smaller text or a tokenizer with a smaller vocabulary")
 
     # <|endoftext|> in the text separates documents: with BPE it is the one special token

@@ -43,6 +43,10 @@ class CharTokenizer:
         return [self.ids[c] for c in text]
 
     def decode(self, ids):
+        bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
+        if bad is not None:  # a negative id would otherwise index from the end
+            raise SystemExit(f"error: token id {bad} is not in this vocabulary (0 to {self.vocab_size - 1}); "
+                             f"use ids from this tokenizer")
         return "".join(self.chars[i] for i in ids)
 
     def decode_bytes(self, ids):
@@ -165,9 +169,9 @@ class BPETokenizer:
         adjacent pair of ids; ties go to the smallest pair (id_a, id_b), so training is deterministic. Stops
         early if no pair is left. Special tokens in the text only separate it: no merge crosses them."""
         n_merges = vocab_size - 256 - len(special_tokens)
-        if n_merges < 0 or vocab_size > 65535:
+        if n_merges < 0 or vocab_size > 65536:
             raise SystemExit(f"error: --vocab_size={vocab_size} must be between {256 + len(special_tokens)} "
-                             f"(256 bytes + {len(special_tokens)} special) and 65535 (the most uint16 can hold)")
+                             f"(256 bytes + {len(special_tokens)} special) and 65536 (ids up to 65,535 fit in uint16)")
 
         # count each distinct chunk once: BPE only ever sees a chunk's bytes, so equal chunks merge alike
         split = compile_pattern(pattern)

@@ -55,6 +55,26 @@ def test_prepare_bpe_learns_from_train_text_and_keeps_endoftext_one_token(tmp_pa
     assert train.count(tok.special_tokens[ENDOFTEXT]) == 1  # the separator, not 13 characters of text
 
 
+def test_the_split_never_cuts_endoftext_in_two(tmp_path):
+    head = "x" * 86
+    text = head + ENDOFTEXT + "y" * 1  # 100 characters: the 90% point falls inside <|endoftext|>
+    (tmp_path / "book.txt").write_text(text, encoding="utf-8")
+    out = tmp_path / "data"
+    prepare.prepare(input=str(tmp_path / "book.txt"), tokenizer="bpe", vocab_size=258, data_dir=str(out))
+    tok = from_dict(json.loads((out / "meta.json").read_text(encoding="utf-8"))["tokenizer"])
+    train = np.fromfile(out / "train.bin", dtype=np.uint16).tolist()
+    val = np.fromfile(out / "val.bin", dtype=np.uint16).tolist()
+    assert tok.decode(train) == head and val == [tok.special_tokens[ENDOFTEXT], *tok.encode("y")]
+
+
+def test_char_decode_refuses_ids_outside_the_vocabulary():
+    tok = CharTokenizer.train("abc")
+    assert tok.decode([2, 0, 1]) == "cab"
+    for bad in (3, -1):
+        with pytest.raises(SystemExit, match=f"token id {bad} is not in this vocabulary"):
+            tok.decode([0, bad])
+
+
 def test_prepare_gpt2_writes_the_ids_tiktoken_gives(tmp_path):
     text = small_text(50) + ENDOFTEXT + "Ünïcödé ✓ 日本 🙂\n" * 20
     (tmp_path / "book.txt").write_text(text, encoding="utf-8")
@@ -170,8 +190,8 @@ def test_bad_input_gives_one_clear_line(tmp_path, content, message):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--tokenizer=bpe", "--vocab_size=256"], "--vocab_size=256 must be between 257 (256 bytes + 1 special) and 65535"),
-    (["--tokenizer=bpe", "--vocab_size=65536"], "--vocab_size=65536 must be between 257"),
+    (["--tokenizer=bpe", "--vocab_size=256"], "--vocab_size=256 must be between 257 (256 bytes + 1 special) and 65536"),
+    (["--tokenizer=bpe", "--vocab_size=65537"], "--vocab_size=65537 must be between 257"),
     (["--vocab_size=300"], "--vocab_size only applies to --tokenizer=bpe"),
     (["--tokenizer=bpe", "--gpt2_vocab=x"], "--gpt2_vocab only applies to --tokenizer=gpt2"),
     (["--tokenizer=gpt2", "--gpt2_vocab=nowhere"], "--gpt2_vocab=nowhere not found; pass --gpt2_vocab=PATH"),
@@ -181,8 +201,12 @@ def test_bad_tokenizer_settings_give_one_clear_line(corpus, args, message):
     assert message in one_error_line(run_script("prepare.py", *args, cwd=corpus))
 
 
-def test_a_vocabulary_beyond_uint16_is_refused(tmp_path):
-    text = "".join(chr(c) for c in range(0x4E00, 0x4E00 + 70000) if not 0xD800 <= c < 0xE000)
-    (tmp_path / "big.txt").write_text(text, encoding="utf-8")
-    with pytest.raises(SystemExit, match="more than uint16 can hold"):
+def test_uint16_holds_a_vocabulary_of_65536_and_not_one_more(tmp_path):
+    chars = [chr(c) for c in range(0x4E00, 0x4E00 + 70000) if not 0xD800 <= c < 0xE000]
+    (tmp_path / "full.txt").write_text("".join(chars[:65536]), encoding="utf-8")
+    out = prepare.prepare(input=str(tmp_path / "full.txt"), data_dir=str(tmp_path / "full"))
+    ids = np.concatenate([np.fromfile(f"{out}/{split}.bin", dtype=np.uint16) for split in ("train", "val")])
+    assert ids.tolist() == list(range(65536))  # sorted distinct characters: id i is the i-th, up to 65,535
+    (tmp_path / "big.txt").write_text("".join(chars[:65537]), encoding="utf-8")
+    with pytest.raises(SystemExit, match="uint16 holds ids up to 65,535"):
         prepare.prepare(input=str(tmp_path / "big.txt"), data_dir=str(tmp_path / "data"))

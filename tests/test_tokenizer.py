@@ -117,9 +117,9 @@ def test_training_stops_when_no_pair_is_left_and_never_merges_across_specials():
     assert tok.merges == [(97, 98)] and tok.vocab_size == 258
 
 
-@pytest.mark.parametrize("vocab_size", [0, 256, 65536])
+@pytest.mark.parametrize("vocab_size", [0, 256, 65537])
 def test_vocab_size_out_of_range_is_refused(vocab_size):
-    with pytest.raises(SystemExit, match=f"--vocab_size={vocab_size} must be between 257 .* and 65535"):
+    with pytest.raises(SystemExit, match=f"--vocab_size={vocab_size} must be between 257 .* and 65536"):
         BPETokenizer.train("some text", vocab_size)
 
 
