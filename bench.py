@@ -27,15 +27,15 @@ import configurator
 what = "train"  # 'train' or 'sample'
 repeat = 1  # runs to take the median of
 target_loss = 0.0  # report when the val loss first reaches this (0: don't)
-# --what=sample: the model's shape and the generation
-n_layer = 6
+# --what=sample: the model's shape (random weights: speed does not depend on what they learned) and the generation
+n_layer = 6  # the classic 6-layer, 384-wide character model by default
 n_head = 6
-n_embd = 384
-block_size = 256
-vocab_size = 65
-max_new_tokens = 500
+n_embd = 384  # the width sets how many weights each token reads: the main cost per token here
+block_size = 256  # the longer the context, the dearer each uncached step, and the more the cache gains
+vocab_size = 65  # Tiny Shakespeare's characters
+max_new_tokens = 500  # enough tokens to outgrow the block and re-prefill at least once
 num_samples = 1  # sequences generated together in one batch
-dtype = "float32"  # the weights' precision for --what=sample: float32, bfloat16 or float16
+dtype = "float32"  # the weights' precision for --what=sample: auto, float32, bfloat16 or float16
 device = "auto"
 # -----------------------------------------------------------------------------
 
@@ -71,7 +71,7 @@ def run_train(train_args):
         "best val": min(val for _, _, val in curve) if curve else float("nan"),
         "ms/iter": statistics.median(ms for ms, _, _ in steady) if steady else float("nan"),
         "tok/s": statistics.median(tps for _, tps, _ in steady) if steady else float("nan"),
-        "mfu": statistics.median(steady)[2] if steady else "n/a",
+        "mfu": sorted(steady)[len(steady) // 2][2] if steady else "n/a",  # the line with the median ms/iter
         "memory": memory,
         "curve": curve,
     }
@@ -99,12 +99,13 @@ def bench_sample():
     from gpt import GPT, GPTConfig
 
     dev = configurator.pick_device(device)
+    precision = configurator.pick_dtype(dtype, dev)  # checked: one line for a name torch lacks, or fp16 on a CPU
     torch.manual_seed(0)
     config = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, vocab_size=vocab_size)
-    model = GPT(config).to(dev, getattr(torch, dtype)).eval()
+    model = GPT(config).to(dev, getattr(torch, precision)).eval()
     prompt = torch.zeros((num_samples, 1), dtype=torch.long, device=dev)
     print(f"{model.num_params() / 1e6:.2f}M parameters, block_size {block_size}, {max_new_tokens} new tokens, "
-          f"batch {num_samples}, {dtype}, on {dev} with {torch.get_num_threads()} threads")
+          f"batch {num_samples}, {precision}, on {dev} with {torch.get_num_threads()} threads")
     speeds = {True: [], False: []}
     for i in range(repeat):  # alternate the two, so that a noisy neighbour slows both alike
         for kv_cache in (True, False):

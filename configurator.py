@@ -118,4 +118,22 @@ def pick_device(device):
         raise SystemExit(f"error: --device={device} but this machine has no CUDA GPU; use --device=auto or cpu")
     if kind == "mps" and not torch.backends.mps.is_available():
         raise SystemExit(f"error: --device={device} but MPS is not available here; use --device=auto or cpu")
+    if kind == "cuda":
+        torch.cuda.set_device(device)  # cuda:1 is then the default for everything, the generators included
     return device
+
+
+def pick_dtype(dtype, device, default="float32"):
+    """The precision to compute in: 'auto' -> bf16 on a GPU that has it, fp16 on an older GPU, `default` on
+    other devices; anything else must be float32, bfloat16, or float16 on a CUDA GPU."""
+    import torch
+
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise SystemExit(f"error: --dtype={dtype} is unknown; use auto, float32, bfloat16 or float16")
+    if dtype == "float16" and not device.startswith("cuda"):
+        raise SystemExit(f"error: --dtype=float16 needs a CUDA GPU, and this runs on {device}; use bfloat16 or float32")
+    if dtype != "auto":
+        return dtype
+    if device.startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return default

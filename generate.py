@@ -1,7 +1,7 @@
 """
 generate.py: sample text from a checkpoint that train.py wrote.
 
-    python generate.py                                             # 500 characters from out/best.pt
+    python generate.py                                             # 500 tokens (characters, for a char model) from out/best.pt
     python generate.py --prompt="ROMEO:" --num_samples=3 --max_new_tokens=200
     python generate.py --prompt=FILE:prompt.txt --temperature=0   # greedy: always the most likely token
     python generate.py --top_k=40 --top_p=0.9 --seed=7
@@ -149,8 +149,6 @@ def main(args):
         raise SystemExit(f"error: --top_k={top_k} must be >= 0 (0 means no limit)")
     if not 0 < top_p <= 1:
         raise SystemExit(f"error: --top_p={top_p} must be in (0, 1] (1 means no limit)")
-    if dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise SystemExit(f"error: --dtype={dtype} is unknown; use auto, float32, bfloat16 or float16")
     text = prompt
     if text.startswith("FILE:"):
         try:
@@ -160,12 +158,8 @@ def main(args):
             raise SystemExit(f"error: cannot read the prompt file {text[5:]} ({type(e).__name__}); "
                              f"give a UTF-8 text file")
     dev = configurator.pick_device(device)
+    precision = configurator.pick_dtype(dtype, dev)  # float32 off the GPU: bf16 gains little there (README, Speed)
     model, tok = load_model(init_from)
-    precision = dtype
-    if precision == "auto" and dev.startswith("cuda"):
-        precision = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    elif precision == "auto":  # on a CPU bf16 gains little for sampling (see README, Speed)
-        precision = "float32"
     try:
         sample_text(model.to(dev, getattr(torch, precision)), tok, text, max_new_tokens, num_samples, temperature,
                     top_k, top_p, seed, kv_cache)

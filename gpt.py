@@ -3,7 +3,7 @@ gpt.py: a GPT language model in one file, the next step after bigram.py.
 
 bigram.py predicts the next token from the current one alone. A GPT lets every position look back at all the
 positions before it (causal self-attention), mixes what it gathered through a small MLP, and stacks that block
-n_layer times. The architecture and initialisation are GPT-2's, so the same code trains a 0.8M-parameter
+n_layer times. The architecture and initialisation are GPT-2's, so the same code trains a 0.3M-parameter
 Shakespeare model on a laptop and holds OpenAI's 124M to 1.5B-parameter weights: GPT.from_pretrained("gpt2")
 downloads them once (Hugging Face's model.safetensors, read here without the safetensors package) or reads a folder
 that Hugging Face's save_pretrained wrote, and gives the same logits as the transformers library's GPT-2.
@@ -207,7 +207,6 @@ class GPT(nn.Module):
 
 def load_checkpoint(path, map_location="cpu"):
     """Load a checkpoint written by train.py without running any pickled code; one-line errors otherwise."""
-    import os
     import pickle
     import zipfile
 
@@ -362,6 +361,10 @@ def gpt2_checkpoint(name_or_folder):
     if not os.path.isdir(folder):
         raise SystemExit(f"error: {folder!r} is neither a GPT-2 size ({', '.join(GPT2_SIZES)}) nor a folder; pass "
                          f"one of those sizes, or a folder with the config.json and model.safetensors of a GPT-2")
+    if any(os.path.isfile(os.path.join(folder, f)) for f in ("best.pt", "last.pt")):
+        raise SystemExit(f"error: {folder} is a train.py run, not a GPT-2; sample from it with python generate.py "
+                         f"--init_from={os.path.join(folder, 'best.pt')}, continue it with python train.py "
+                         f"--init_from=resume --out_dir={folder}")
     config = gpt2_config(folder)
     files = ["model.safetensors"]
     index = os.path.join(folder, "model.safetensors.index.json")

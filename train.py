@@ -1,10 +1,11 @@
-"""
+r"""
 train.py: train a GPT (gpt.py) on the token ids that prepare.py wrote.
 
     python train.py                                   # a Shakespeare model in ~4.5 minutes on a CPU, then a sample
-    python train.py --n_layer=6 --n_head=6 --n_embd=384 --block_size=256 --dropout=0.2 --max_iters=5000  # on a GPU
+    python train.py --n_layer=6 --n_head=6 --n_embd=384 --block_size=256 --dropout=0.2 --batch_size=64 \
+        --learning_rate=1e-3 --max_iters=5000 --min_lr=1e-4 --eval_interval=250 --eval_iters=200  # on a GPU
     python train.py --init_from=resume                # continue the run in out_dir exactly where it stopped
-    torchrun --standalone --nproc_per_node=8 train.py # the same run on 8 GPUs (or CPU processes)
+    torchrun --standalone --nproc_per_node=8 train.py --gradient_accumulation_steps=8   # the same on 8 GPUs
 
 Reads data_dir/train.bin, val.bin and meta.json (preparing Tiny Shakespeare first if data_dir is a default one and
 empty). Writes to out_dir: config.json (the resolved settings), last.pt (at every evaluation, at the end, and on
@@ -54,7 +55,7 @@ gradient_accumulation_steps = 1  # micro-steps per optimizer step, counted over 
 # AdamW with linear warmup and cosine decay
 learning_rate = 5e-3  # peak learning rate; small models take large steps
 max_iters = 7500  # optimizer steps in the whole run
-lr_decay_iters = 0  # steps over which the lr decays to min_lr; 0 means max_iters
+lr_decay_iters = 0  # steps over which the lr decays to min_lr; 0: max_iters (kept when a resume adds steps)
 warmup_iters = 100  # steps of linear warmup from 0 to learning_rate
 min_lr = 1e-4  # the lr at the end of the decay
 weight_decay = 0.1  # applied to matrices and embeddings only, never to biases or LayerNorm gains
@@ -107,11 +108,10 @@ def batch(data, offsets, device):
 
 
 def get_lr(it):
-    """Linear warmup to learning_rate, then cosine decay to min_lr over lr_decay_iters."""
-    decay_iters = lr_decay_iters or max_iters
+    """Linear warmup to learning_rate, then cosine decay to min_lr over lr_decay_iters, then min_lr."""
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
-    progress = min(1.0, (it - warmup_iters) / max(1, decay_iters - warmup_iters))
+    progress = min(1.0, (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters))
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
 
 
@@ -147,6 +147,9 @@ def check_settings():
         raise SystemExit(f"error: --n_embd={n_embd} must be a multiple of --n_head={n_head}")
     if not 0 <= dropout < 1:
         raise SystemExit(f"error: --dropout={dropout} must be in [0, 1)")
+    if min_lr > learning_rate:
+        raise SystemExit(f"error: --min_lr={min_lr} is above --learning_rate={learning_rate}; the lr decays to "
+                         f"min_lr, so give a smaller one")
 
 
 def main(args):
@@ -167,6 +170,8 @@ def main(args):
     elif init_from != "scratch" and init_from not in GPT2_SIZES and not os.path.isdir(init_from):
         raise SystemExit(f"error: --init_from={init_from} is unknown; use scratch, resume, a GPT-2 size "
                          f"({', '.join(GPT2_SIZES)}), or a folder with a GPT-2's config.json and model.safetensors")
+    if lr_decay_iters == 0:  # fixed now and saved: resuming with a larger --max_iters goes on at min_lr
+        globals()["lr_decay_iters"] = max_iters
     check_settings()
     settings = {k: globals()[k] for k in configurator.setting_names(globals())}
 
@@ -175,18 +180,19 @@ def main(args):
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
     dev = configurator.pick_device(device)
     if ddp and dev.startswith("cuda"):
-        dev = f"cuda:{local_rank}"
-        torch.cuda.set_device(dev)
+        dev = configurator.pick_device(f"cuda:{local_rank}")  # one GPU per process
     if ddp:
         dist.init_process_group("nccl" if dev.startswith("cuda") else "gloo")
     try:
-        train(settings, ckpt, ddp, rank, world, dev)
+        train(settings, ckpt, ddp, rank, local_rank, world, dev)
+        if ddp:
+            dist.barrier()  # finish together: a process that tears down while another still works can crash it
     finally:
         if ddp:
             dist.destroy_process_group()
 
 
-def train(settings, ckpt, ddp, rank, world, dev):
+def train(settings, ckpt, ddp, rank, local_rank, world, dev):
     master = rank == 0  # only this process prints and writes checkpoints
     log = print if master else (lambda *a, **k: None)
     device_type = dev.split(":")[0]
@@ -195,19 +201,15 @@ def train(settings, ckpt, ddp, rank, world, dev):
                          f"{world} processes and must be a multiple of {world}")
     accum = gradient_accumulation_steps // world  # micro-steps in this process
 
-    if dtype not in ("auto", "float32", "bfloat16", "float16") or (dtype == "float16" and device_type != "cuda"):
-        raise SystemExit(f"error: --dtype={dtype} is not available on {device_type}; use auto, float32 or bfloat16")
-
     # data: prepared by prepare.py, or prepared now if data_dir is a default one and empty
     meta_path = os.path.join(data_dir, "meta.json")
-    if not os.path.exists(meta_path):
-        if data_dir not in DEFAULT_DATA:
-            raise SystemExit(f"error: no prepared data in {data_dir}; run python prepare.py --data_dir={data_dir}")
-        if master:
-            import prepare
-            prepare.prepare(tokenizer=DEFAULT_DATA[data_dir], data_dir=data_dir)
-        if ddp:
-            dist.barrier()  # the others wait for the data
+    if not os.path.exists(meta_path) and data_dir not in DEFAULT_DATA:
+        raise SystemExit(f"error: no prepared data in {data_dir}; run python prepare.py --data_dir={data_dir}")
+    if not os.path.exists(meta_path) and local_rank == 0:  # one process per machine prepares it
+        import prepare
+        prepare.prepare(tokenizer=DEFAULT_DATA[data_dir], data_dir=data_dir)
+    if ddp:
+        dist.barrier()  # every process, whether or not it found the data: the others wait for it
     with open(meta_path, encoding="utf-8") as f:
         meta = json.load(f)
     vocab_size = meta["vocab_size"]
@@ -226,7 +228,8 @@ def train(settings, ckpt, ddp, rank, world, dev):
         model = GPT.from_pretrained(init_from, dropout=dropout)
         if model.config.vocab_size != vocab_size:
             raise SystemExit(f"error: {init_from} has a vocabulary of {model.config.vocab_size} but the data in "
-                             f"{data_dir} has {vocab_size}; prepare it with python prepare.py --tokenizer=gpt2")
+                             f"{data_dir} has {vocab_size}; use --data_dir=data/gpt2 (prepared on first use) or "
+                             f"data that python prepare.py --tokenizer=gpt2 wrote")
         if block_size > model.config.block_size:
             raise SystemExit(f"error: --block_size={block_size} is longer than {init_from}'s "
                              f"{model.config.block_size} positions")
@@ -237,13 +240,9 @@ def train(settings, ckpt, ddp, rank, world, dev):
     # precision: bf16 autocast where it is fast, fp16 + loss scaling on GPUs without bf16, fp32 otherwise.
     # On a CPU bf16 pays only on chips with bf16 units and for wide models (measured here: no gain at n_embd
     # 128-192, 1.8x at 256, 2.4x at 384), so auto takes it there when a bf16 matmul beats fp32 by half again.
-    precision = dtype
-    if precision == "auto" and device_type == "cuda":
-        precision = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    elif precision == "auto":
-        wide = device_type == "cpu" and model.config.n_embd >= 256
-        fast = wide and cpu_matmul_flops(torch.bfloat16) > 1.5 * cpu_matmul_flops(torch.float32)
-        precision = "bfloat16" if fast else "float32"
+    wide = dtype == "auto" and device_type == "cpu" and model.config.n_embd >= 256
+    fast = wide and cpu_matmul_flops(torch.bfloat16) > 1.5 * cpu_matmul_flops(torch.float32)
+    precision = configurator.pick_dtype(dtype, dev, default="bfloat16" if fast else "float32")
     ptdtype = getattr(torch, precision)
     autocast = nullcontext() if precision == "float32" else torch.autocast(device_type, dtype=ptdtype)
     scaler = torch.amp.GradScaler(device_type, enabled=precision == "float16")
@@ -261,8 +260,11 @@ def train(settings, ckpt, ddp, rank, world, dev):
     data_rng = torch.Generator().manual_seed(seed)
     iter_num, best_val_loss = 0, float("inf")
     if ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        optimizer.load_state_dict(ckpt["optimizer"])  # its moments, and the hyperparameters it was saved with:
+        for group, decay in zip(optimizer.param_groups, (weight_decay, 0.0)):  # those given now win
+            group.update(weight_decay=decay, betas=(beta1, beta2))
+        if ckpt["scaler"]:  # empty unless the run used float16
+            scaler.load_state_dict(ckpt["scaler"])
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
         set_rng_state(ckpt["rng"], data_rng, rank)
         ckpt.clear()  # free the loaded tensors before training
@@ -276,8 +278,8 @@ def train(settings, ckpt, ddp, rank, world, dev):
     if master:
         os.makedirs(out_dir, exist_ok=True)
         resolved = dict(settings, device=dev, dtype=precision, world_size=world)
-        with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(resolved, f, indent=2)
+        text = json.dumps(resolved, indent=2).encode("utf-8")
+        write_atomically(os.path.join(out_dir, "config.json"), lambda f: f.write(text))
 
     # evaluation: the same evenly spaced windows every time, shared out between the processes
     @torch.no_grad()
@@ -291,7 +293,7 @@ def train(settings, ckpt, ddp, rank, world, dev):
             for i in range(0, len(starts), batch_size):
                 x, y = batch(data[split], starts[i : i + batch_size], dev)
                 with autocast:
-                    _, loss = raw_model(x, y)
+                    _, loss = raw_model(x, y)  # not through DDP's hooks or a recompile for a new shape
                 total += torch.stack([loss.float() * len(x), torch.tensor(len(x), device=dev)])
             if ddp:
                 dist.all_reduce(total)
@@ -299,22 +301,12 @@ def train(settings, ckpt, ddp, rank, world, dev):
         model.train()
         return losses
 
-    def checkpoint():
-        return {
-            "model": raw_model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(),
-            "model_config": asdict(raw_model.config),
-            "precision": precision,
-            "tokenizer": meta["tokenizer"],
-            "config": settings,
-            "iter_num": iter_num,
-            "best_val_loss": best_val_loss,
-            "rng": rng_state(data_rng, ddp),
-        }
-
     def save(names):
-        state = checkpoint()  # every process takes part (the rng states are gathered), only the master writes
+        """Write everything needed to rebuild the model and continue the run exactly to out_dir/name for each
+        name. Every process takes part (the rng states are gathered); only the master writes."""
+        state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                     model_config=asdict(raw_model.config), precision=precision, tokenizer=meta["tokenizer"],
+                     config=settings, iter_num=iter_num, best_val_loss=best_val_loss, rng=rng_state(data_rng, ddp))
         for name in names if master else ():
             write_atomically(os.path.join(out_dir, name), lambda f: torch.save(state, f))
 
@@ -418,8 +410,13 @@ def train(settings, ckpt, ddp, rank, world, dev):
     if master and sample_length > 0:
         from generate import sample_text
 
+        tok = tokenizers.from_dict(meta["tokenizer"])
+        start = tok.chars[0] if isinstance(tok, tokenizers.CharTokenizer) else "\n"  # sorted: "\n" if there is one
         log("-" * 40 + " a sample " + "-" * 40)
-        sample_text(raw_model, tokenizers.from_dict(meta["tokenizer"]), "\n", sample_length, seed=seed)
+        try:
+            sample_text(raw_model, tok, start, sample_length, seed=seed)
+        except KeyboardInterrupt:  # the checkpoints are already written
+            raise SystemExit(130)
 
 
 def rng_state(data_rng, ddp):

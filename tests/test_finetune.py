@@ -54,4 +54,4 @@ def test_train_fine_tunes_a_gpt2_folder_and_generate_samples_from_the_result(gpt
 def test_fine_tuning_gpt2_on_character_data_is_a_clear_error(gpt2_folder, corpus):
     _, folder = gpt2_folder
     line = one_error_line(run_script("train.py", f"--init_from={folder}", "--max_iters=1", cwd=corpus))
-    assert "has a vocabulary of 50257 but the data in data/char has" in line and "--tokenizer=gpt2" in line
+    assert "has a vocabulary of 50257 but the data in data/char has" in line and "--data_dir=data/gpt2" in line

@@ -72,6 +72,18 @@ def test_a_resumed_run_is_bit_identical_to_an_unbroken_one(script, corpus):
         assert_same_state(pa, pb)
 
 
+def test_a_resume_applies_new_optimizer_settings_and_keeps_the_lr_schedule(script, corpus, capsys):
+    script("train", *TINY, "--max_iters=20", "--min_lr=1e-4")
+    config = load(corpus / "out" / "last.pt")["config"]
+    assert config["lr_decay_iters"] == 20  # 0 (the default) was resolved to max_iters and saved
+    capsys.readouterr()
+    script("train", "--init_from=resume", "--max_iters=26", "--log_interval=2", "--weight_decay=0.5", "--beta2=0.9")
+    lrs = [line.split("lr ")[1].split(",")[0] for line in capsys.readouterr().out.splitlines() if "lr " in line]
+    assert lrs == ["1.00e-04"] * 3  # past the decay it stays at min_lr: more steps do not stretch the cosine again
+    groups = load(corpus / "out" / "last.pt")["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.5, 0.0] and all(g["betas"] == (0.9, 0.9) for g in groups)
+
+
 def test_every_random_state_survives_a_checkpoint_round_trip(tmp_path):
     import io
     import random
@@ -226,8 +238,9 @@ def test_mistakes_end_in_one_line_and_a_non_zero_exit(corpus):
     (["--batch_size=0"], "--batch_size=0 must be at least 1"),
     (["--learning_rate=-1"], "--learning_rate=-1.0 must be at least 0"),
     (["--dropout=1.5"], "--dropout=1.5 must be in [0, 1)"),
-    (["--dtype=float16"], "--dtype=float16 is not available on cpu"),
-    (["--dtype=int8"], "--dtype=int8 is not available"),
+    (["--min_lr=0.1", "--learning_rate=0.01"], "--min_lr=0.1 is above --learning_rate=0.01"),
+    (["--dtype=float16"], "--dtype=float16 needs a CUDA GPU, and this runs on cpu"),
+    (["--dtype=int8"], "--dtype=int8 is unknown"),
     (["--device=tpu"], "--device=tpu is not a device"),
 ])
 def test_train_rejects_bad_settings(script, args, message):
@@ -268,6 +281,8 @@ def test_a_truncated_or_corrupted_checkpoint_is_a_clear_error(script, corpus, da
     (["--top_k=-1"], "--top_k=-1 must be >= 0"),
     (["--num_samples=0"], "--num_samples=0 must be at least 1"),
     (["--dtype=int8"], "--dtype=int8 is unknown"),
+    (["--dtype=float16"], "--dtype=float16 needs a CUDA GPU"),
+    (["--init_from=out"], "out is a train.py run, not a GPT-2; sample from it with python generate.py"),
     (["--prompt=FILE:nope.txt"], "cannot read the prompt file nope.txt"),
     (["--prompt=日本"], "outside this model's vocabulary: '日' '本'"),
     (["--init_from=missing.pt"], "no checkpoint at missing.pt"),

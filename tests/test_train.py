@@ -44,6 +44,12 @@ def test_end_to_end_prepare_train_checkpoint_generate(corpus):
     assert in_bf16.returncode == 0 and in_bf16.stdout.count("The king") == 2, in_bf16.stderr
 
 
+def test_a_text_without_newlines_trains_and_samples_to_the_end(corpus):
+    (corpus / "input.txt").write_text("to be or not to be, that is the question. " * 300, encoding="utf-8")
+    result = run_script("train.py", *TINY, "--max_iters=10", "--sample_length=30", cwd=corpus)
+    assert result.returncode == 0 and "a sample" in result.stdout, result.stderr
+
+
 def test_best_checkpoint_never_records_a_worse_val_loss(corpus):
     # a learning rate this high makes the val loss go up and down: best.pt must keep the minimum
     result = run_script("train.py", *TINY, "--max_iters=40", "--eval_interval=4", "--learning_rate=0.3",
