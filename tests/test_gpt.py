@@ -84,3 +84,30 @@ def test_dropout_is_active_in_training_and_off_in_eval():
     assert not torch.equal(model(x)[0], model(x)[0])
     model.eval()
     assert torch.equal(model(x)[0], model(x)[0])
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_the_cpu_path_for_one_token_computes_what_nn_linear_computes(monkeypatch, threads):
+    from gpt import Linear
+
+    slab_products = []
+    real_bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a: slab_products.append(a) or real_bmm(*a))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    torch.manual_seed(0)
+    for out, inn, bias in [(1536, 384, True), (1001, 512, False), (50257, 64, False)]:  # 1001, 50257: ragged slabs
+        layer = Linear(inn, out, bias=bias)
+        for shape in [(1, 1, inn), (4, 1, inn), (2, 2, inn), (inn,)]:
+            x = torch.randn(shape)
+            with torch.inference_mode():
+                fast = layer(x)
+            assert slab_products, "the one-token path was not taken"
+            slab_products.clear()
+            reference = torch.nn.functional.linear(x, layer.weight.detach(), layer.bias)
+            assert fast.shape == reference.shape
+            torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
+        with torch.inference_mode():  # more rows: the usual path
+            layer(torch.randn(8, inn))
+        assert not slab_products
+        layer(torch.randn(1, inn)).sum().backward()  # training: the usual path, with gradients
+        assert not slab_products and layer.weight.grad is not None
