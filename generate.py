@@ -1,7 +1,7 @@
 """
 generate.py: sample text from a checkpoint that train.py wrote.
 
-    python generate.py                                             # 500 tokens (characters, for a char model) from out/best.pt
+    python generate.py                                             # 500 tokens (characters) from out/best.pt
     python generate.py --prompt="ROMEO:" --num_samples=3 --max_new_tokens=200
     python generate.py --prompt=FILE:prompt.txt --temperature=0   # greedy: always the most likely token
     python generate.py --top_k=40 --top_p=0.9 --seed=7
