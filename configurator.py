@@ -118,8 +118,12 @@ def pick_device(device):
         raise SystemExit(f"error: --device={device} but this machine has no CUDA GPU; use --device=auto or cpu")
     if kind == "mps" and not torch.backends.mps.is_available():
         raise SystemExit(f"error: --device={device} but MPS is not available here; use --device=auto or cpu")
-    if kind == "cuda":
-        torch.cuda.set_device(device)  # cuda:1 is then the default for everything, the generators included
+    index = torch.device(device).index
+    if kind == "cuda" and index is not None:
+        if index >= torch.cuda.device_count():
+            raise SystemExit(f"error: --device={device} but this machine has {torch.cuda.device_count()} "
+                             f"CUDA GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}; pick one of them")
+        torch.cuda.set_device(index)  # cuda:1 is then the default for everything, the generators included
     return device
 
 

@@ -49,10 +49,10 @@ class Linear(nn.Linear):
     threads (README, Speed). Training, longer inputs and small weights take nn.Linear's usual path."""
 
     def forward(self, x):
+        if (self.weight.numel() < 2**17 or x.numel() > 4 * self.in_features or torch.is_grad_enabled()
+                or x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu")):
+            return F.linear(x, self.weight, self.bias)  # below 512 KB, weights stay in the CPU caches: no gain
         rows = x.numel() // self.in_features
-        if (self.weight.numel() < 2**17 or rows > 4 or torch.is_grad_enabled() or x.device.type != "cpu"
-                or x.dtype != torch.float32):  # below 512 KB, weights stay in the CPU caches: no gain
-            return F.linear(x, self.weight, self.bias)
         slabs = max(2, torch.get_num_threads())  # at least 2: even on one thread, bmm beats addmm here
         n = self.out_features // slabs * slabs  # the rows that fill whole slabs; the few left over go on their own
         xt = x.reshape(rows, self.in_features).t()  # (in, rows)

@@ -49,7 +49,7 @@ GPT2_FILES = [("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")]  # Hu
 def write_atomically(path, write):
     """Call write(f) on a temporary file beside `path`, flush it to disk, then rename it over `path`:
     a reader (or a crash) sees the old file or the new one, never half of one. train.py saves checkpoints so."""
-    tmp = f"{path}.tmp"  # one fixed name: a killed writer leaves at most one stale temporary behind
+    tmp = f"{path}.{os.getpid()}.tmp"  # per process: two writers sharing a disk never write one temporary
     with open(tmp, "wb") as f:
         write(f)
         f.flush()

@@ -24,6 +24,16 @@ import unicodedata
 from collections import Counter, defaultdict
 
 
+def checked(ids, vocab_size):
+    """The ids as a list, once each is known to be in the vocabulary (a negative one would index from the end)."""
+    ids = list(ids)
+    bad = next((i for i in ids if not 0 <= i < vocab_size), None)
+    if bad is not None:
+        raise SystemExit(f"error: token id {bad} is not in this vocabulary (0 to {vocab_size - 1}); "
+                         f"use ids from this tokenizer")
+    return ids
+
+
 class CharTokenizer:
     def __init__(self, chars):
         self.chars = chars  # a str: id i is the character chars[i]
@@ -43,11 +53,7 @@ class CharTokenizer:
         return [self.ids[c] for c in text]
 
     def decode(self, ids):
-        bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
-        if bad is not None:  # a negative id would otherwise index from the end
-            raise SystemExit(f"error: token id {bad} is not in this vocabulary (0 to {self.vocab_size - 1}); "
-                             f"use ids from this tokenizer")
-        return "".join(self.chars[i] for i in ids)
+        return "".join(self.chars[i] for i in checked(ids, self.vocab_size))
 
     def decode_bytes(self, ids):
         return self.decode(ids).encode("utf-8")
@@ -253,11 +259,7 @@ class BPETokenizer:
         return ids
 
     def decode_bytes(self, ids):
-        bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
-        if bad is not None:
-            raise SystemExit(f"error: token id {bad} is not in this vocabulary (0 to {self.vocab_size - 1}); "
-                             f"use ids from this tokenizer")
-        return b"".join(self.vocab[i] for i in ids)
+        return b"".join(self.vocab[i] for i in checked(ids, self.vocab_size))
 
     def decode(self, ids):
         """Ids -> text. Any ids decode: bytes that are not UTF-8 (a character cut in two) become U+FFFD."""

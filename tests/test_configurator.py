@@ -83,3 +83,18 @@ def test_unavailable_devices_are_refused():
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="no CUDA GPU"):
             configurator.pick_device("cuda")
+
+
+def test_cuda_devices_are_pinned_by_index_and_checked(monkeypatch):
+    # Pretend to have two GPUs: plain "cuda" must not call set_device (it takes an index only), cuda:1 pins GPU 1,
+    # and cuda:2 is a clear error, not a CUDA assert.
+    import torch
+
+    pinned = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", pinned.append)
+    assert configurator.pick_device("cuda") == "cuda" and pinned == []
+    assert configurator.pick_device("cuda:1") == "cuda:1" and pinned == [1]
+    with pytest.raises(SystemExit, match="has 2 CUDA GPU"):
+        configurator.pick_device("cuda:2")

@@ -69,7 +69,7 @@ def test_the_split_never_cuts_endoftext_in_two(tmp_path):
 
 def test_char_decode_refuses_ids_outside_the_vocabulary():
     tok = CharTokenizer.train("abc")
-    assert tok.decode([2, 0, 1]) == "cab"
+    assert tok.decode([2, 0, 1]) == "cab" and tok.decode(iter([2, 0, 1])) == "cab"  # any iterable, read once
     for bad in (3, -1):
         with pytest.raises(SystemExit, match=f"token id {bad} is not in this vocabulary"):
             tok.decode([0, bad])

@@ -186,7 +186,8 @@ def test_a_checkpoint_carrying_a_pickled_object_is_refused_and_nothing_runs(scri
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(script, corpus):
-    with pytest.raises(SystemExit, match=r"loss became nan at step 2; stopped without saving"):
+    # lr 100 blows up within a few steps (which one depends on the CPU's kernels), long before the first save
+    with pytest.raises(SystemExit, match=r"loss became (nan|-?inf) at step [1-9]\d?; stopped without saving"):
         script("train", *TINY, "--max_iters=50", "--learning_rate=100", "--warmup_iters=0")
     for name in ("last.pt", "best.pt"):
         ckpt = load(corpus / "out" / name)

@@ -58,6 +58,8 @@ def test_decode_of_any_ids_never_crashes(bpe):
 
 
 def test_decode_refuses_ids_outside_the_vocabulary(bpe):
+    ids = bpe.encode("the cat")
+    assert bpe.decode(iter(ids)) == "the cat"  # any iterable: the check must not use it up
     for bad in (-1, bpe.vocab_size):
         with pytest.raises(SystemExit, match=f"token id {bad} is not in this vocabulary"):
             bpe.decode([1, bad])
