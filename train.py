@@ -181,6 +181,9 @@ def main(args):
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
     dev = configurator.pick_device(device)
     if ddp and dev.startswith("cuda"):
+        if local_rank >= torch.cuda.device_count():
+            raise SystemExit(f"error: torchrun started more processes than this machine has GPUs "
+                             f"({torch.cuda.device_count()}); use --nproc_per_node={torch.cuda.device_count()}")
         dev = configurator.pick_device(f"cuda:{local_rank}")  # one GPU per process
     if ddp:
         dist.init_process_group("nccl" if dev.startswith("cuda") else "gloo")

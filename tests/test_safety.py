@@ -148,6 +148,7 @@ def test_killing_the_trainer_at_random_moments_never_breaks_the_checkpoint(scrip
     for attempt in range(4):  # checkpoints are written every step, so many kills land mid-write
         process = start([*args, "--init_from=resume"] if attempt else args, corpus)
         wait_for(process, "step")
+        wait_for(process, "step")  # the second evaluation: the first one's checkpoint is on disk
         time.sleep(rng.uniform(0.05, 0.6))
         process.send_signal(signal.SIGKILL)
         process.communicate(timeout=60)
@@ -240,7 +241,7 @@ def test_mistakes_end_in_one_line_and_a_non_zero_exit(corpus):
     (["--learning_rate=-1"], "--learning_rate=-1.0 must be at least 0"),
     (["--dropout=1.5"], "--dropout=1.5 must be in [0, 1)"),
     (["--min_lr=0.1", "--learning_rate=0.01"], "--min_lr=0.1 is above --learning_rate=0.01"),
-    (["--dtype=float16"], "--dtype=float16 needs a CUDA GPU, and this runs on cpu"),
+    (["--dtype=float16", "--device=cpu"], "--dtype=float16 needs a CUDA GPU, and this runs on cpu"),
     (["--dtype=int8"], "--dtype=int8 is unknown"),
     (["--device=tpu"], "--device=tpu is not a device"),
 ])
@@ -282,7 +283,7 @@ def test_a_truncated_or_corrupted_checkpoint_is_a_clear_error(script, corpus, da
     (["--top_k=-1"], "--top_k=-1 must be >= 0"),
     (["--num_samples=0"], "--num_samples=0 must be at least 1"),
     (["--dtype=int8"], "--dtype=int8 is unknown"),
-    (["--dtype=float16"], "--dtype=float16 needs a CUDA GPU"),
+    (["--dtype=float16", "--device=cpu"], "--dtype=float16 needs a CUDA GPU"),
     (["--init_from=out"], "out is a train.py run, not a GPT-2; sample from it with python generate.py"),
     (["--prompt=FILE:nope.txt"], "cannot read the prompt file nope.txt"),
     (["--prompt=日本"], "outside this model's vocabulary: '日' '本'"),

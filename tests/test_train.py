@@ -7,8 +7,8 @@ import torch
 
 from conftest import run_script
 
-TINY = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_size=4", "--eval_iters=2",
-        "--log_interval=5", "--warmup_iters=2", "--learning_rate=1e-2"]
+TINY = ["--device=cpu", "--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_size=4",
+        "--eval_iters=2", "--log_interval=5", "--warmup_iters=2", "--learning_rate=1e-2"]
 
 
 def test_end_to_end_prepare_train_checkpoint_generate(corpus):
@@ -84,8 +84,8 @@ def test_mfu_on_cpu_is_measured_against_a_matmul_probe():
 def test_auto_precision_on_cpu_takes_bf16_only_for_wide_models_where_it_is_faster(corpus):
     import train
 
-    args = ["--n_layer=1", "--n_head=4", "--block_size=16", "--batch_size=2", "--max_iters=1", "--eval_iters=1",
-            "--sample_length=0"]
+    args = ["--device=cpu", "--n_layer=1", "--n_head=4", "--block_size=16", "--batch_size=2", "--max_iters=1",
+            "--eval_iters=1", "--sample_length=0"]
     bf16_pays = train.cpu_matmul_flops(torch.bfloat16) > 1.5 * train.cpu_matmul_flops(torch.float32)
     for width, expected in ((128, "float32"), (256, "bfloat16" if bf16_pays else "float32")):
         result = run_script("train.py", *args, f"--n_embd={width}", f"--out_dir=out{width}", cwd=corpus)
