@@ -18,6 +18,7 @@ import math
 import mmap
 import os
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -40,20 +41,41 @@ class GPTConfig:
 # The three parts of a transformer block, and the one layer they all use
 
 
+SLABS_PAY = {}  # (out, in, rows, threads) -> whether the slabs beat F.linear on this CPU, timed on first use
+
+
+def best_time(f, x, runs=5):
+    """The fastest of a few runs of f(x), in seconds: the least disturbed by anything else on the machine."""
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        f(x)
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
 class Linear(nn.Linear):
-    """nn.Linear, plus a faster way to multiply one token's vector by a large weight on a CPU (generation).
+    """nn.Linear, plus a faster way to multiply one token's vector by a large weight on some CPUs (generation).
 
     Generating one token at a time multiplies every weight matrix by a single vector: a memory-bound product that
-    PyTorch runs on one core at a fraction of the memory's speed, and most of the time per token. Cut into one slab
-    of rows per thread and multiplied as a batch (bmm), the same product runs on every core: 2-3x faster with two
-    threads (README, Speed). Training, longer inputs and small weights take nn.Linear's usual path."""
+    PyTorch may run on one core at a fraction of the memory's speed, and most of the time per token. Cut into one
+    slab of rows per thread and multiplied as a batch (bmm), the same product runs on every core: 2-4x faster on
+    the AMD CPU the README measures, but 3-4x slower on an Intel one whose BLAS does the plain product well. So
+    each weight shape is timed both ways on first use and takes the faster. Training, longer inputs and small
+    weights always take nn.Linear's usual path."""
 
     def forward(self, x):
         if (self.weight.numel() < 2**17 or x.numel() > 4 * self.in_features or torch.is_grad_enabled()
                 or x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu")):
             return F.linear(x, self.weight, self.bias)  # below 512 KB, weights stay in the CPU caches: no gain
+        key = (self.out_features, self.in_features, x.numel() // self.in_features, torch.get_num_threads())
+        if key not in SLABS_PAY:
+            SLABS_PAY[key] = best_time(self.slabs, x) < best_time(lambda x: F.linear(x, self.weight, self.bias), x)
+        return self.slabs(x) if SLABS_PAY[key] else F.linear(x, self.weight, self.bias)
+
+    def slabs(self, x):
         rows = x.numel() // self.in_features
-        slabs = max(2, torch.get_num_threads())  # at least 2: even on one thread, bmm beats addmm here
+        slabs = max(2, torch.get_num_threads())  # at least 2: even on one thread, bmm beat addmm on the AMD CPU
         n = self.out_features // slabs * slabs  # the rows that fill whole slabs; the few left over go on their own
         xt = x.reshape(rows, self.in_features).t()  # (in, rows)
         w = self.weight[:n].reshape(slabs, n // slabs, self.in_features)  # (S, n/S, in)

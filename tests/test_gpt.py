@@ -1,4 +1,5 @@
 import math
+import time
 
 import pytest
 import torch
@@ -88,26 +89,51 @@ def test_dropout_is_active_in_training_and_off_in_eval():
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_the_cpu_path_for_one_token_computes_what_nn_linear_computes(monkeypatch, threads):
-    from gpt import Linear
+    import gpt
 
     slab_products = []
     real_bmm = torch.bmm
     monkeypatch.setattr(torch, "bmm", lambda *a: slab_products.append(a) or real_bmm(*a))
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    monkeypatch.setattr(gpt, "SLABS_PAY", {})
     torch.manual_seed(0)
     for out, inn, bias in [(1536, 384, True), (1001, 512, False), (50257, 64, False)]:  # 1001, 50257: ragged slabs
-        layer = Linear(inn, out, bias=bias)
+        layer = gpt.Linear(inn, out, bias=bias)
         for shape in [(1, 1, inn), (4, 1, inn), (2, 2, inn), (inn,)]:
             x = torch.randn(shape)
-            with torch.inference_mode():
-                fast = layer(x)
-            assert slab_products, "the one-token path was not taken"
-            slab_products.clear()
             reference = torch.nn.functional.linear(x, layer.weight.detach(), layer.bias)
-            assert fast.shape == reference.shape
-            torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
-        with torch.inference_mode():  # more rows: the usual path
+            with torch.inference_mode():
+                slabs, chosen = layer.slabs(x), layer(x)  # the slab product, and whichever was timed faster
+            assert slabs.shape == chosen.shape == reference.shape and slab_products
+            torch.testing.assert_close(slabs, reference, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(chosen, reference, rtol=1e-5, atol=1e-5)
+            slab_products.clear()
+        with torch.inference_mode():  # more rows: the usual path, untimed
             layer(torch.randn(8, inn))
         assert not slab_products
         layer(torch.randn(1, inn)).sum().backward()  # training: the usual path, with gradients
         assert not slab_products and layer.weight.grad is not None
+    assert len(gpt.SLABS_PAY) == 3 * 2  # timed once per weight shape and number of rows (1, and 4 = 2 x 2)
+
+
+def test_the_one_token_path_takes_whichever_product_was_faster(monkeypatch):
+    import gpt
+
+    layer = gpt.Linear(384, 1536)
+    x = torch.randn(1, 384)
+    for slow, expect_slabs in (("bmm", False), ("linear", True)):  # make one of the two clearly slower
+        monkeypatch.setattr(gpt, "SLABS_PAY", {})
+        used = []
+        for name, module in (("bmm", torch), ("linear", torch.nn.functional)):
+            real = getattr(module, name)
+            def wrapped(*a, real=real, name=name):
+                used.append(name)
+                time.sleep(0.003 if name == slow else 0)
+                return real(*a)
+            monkeypatch.setattr(module, name, wrapped)
+        with torch.inference_mode():
+            layer(x)
+            used.clear()
+            layer(x)
+        assert used == (["bmm"] if expect_slabs else ["linear"])
+        monkeypatch.undo()
