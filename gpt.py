@@ -18,7 +18,7 @@ import math
 import mmap
 import os
 import sys
-import time
+import timeit
 from dataclasses import dataclass
 
 import torch
@@ -44,16 +44,6 @@ class GPTConfig:
 SLABS_PAY = {}  # (out, in, rows, threads) -> whether the slabs beat F.linear on this CPU, timed on first use
 
 
-def best_time(f, x, runs=5):
-    """The fastest of a few runs of f(x), in seconds: the least disturbed by anything else on the machine."""
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        f(x)
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
 class Linear(nn.Linear):
     """nn.Linear, plus a faster way to multiply one token's vector by a large weight on some CPUs (generation).
 
@@ -69,8 +59,9 @@ class Linear(nn.Linear):
                 or x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu")):
             return F.linear(x, self.weight, self.bias)  # below 512 KB, weights stay in the CPU caches: no gain
         key = (self.out_features, self.in_features, x.numel() // self.in_features, torch.get_num_threads())
-        if key not in SLABS_PAY:
-            SLABS_PAY[key] = best_time(self.slabs, x) < best_time(lambda x: F.linear(x, self.weight, self.bias), x)
+        if key not in SLABS_PAY:  # the fastest of 5 runs of each: about a millisecond, once per shape
+            slabs, plain = (min(timeit.repeat(lambda: f(x), number=1, repeat=5)) for f in (self.slabs, super().forward))
+            SLABS_PAY[key] = slabs < plain
         return self.slabs(x) if SLABS_PAY[key] else F.linear(x, self.weight, self.bias)
 
     def slabs(self, x):
