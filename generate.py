@@ -112,7 +112,8 @@ def sample_text(model, tok, prompt_text, max_new_tokens, num_samples=1, temperat
     t0 = time.perf_counter()
     for step, next_ids in enumerate(generate(model, idx, max_new_tokens, temperature, top_k, top_p, generator,
                                              kv_cache)):
-        first = first if step else time.perf_counter() - t0  # the prompt's pass, plus any warm-up (GPU)
+        if step == 0:
+            first = time.perf_counter() - t0  # the prompt's pass, plus any warm-up (GPU)
         for i, token in enumerate(next_ids.tolist()):
             piece = decoders[i].decode(tok.decode_bytes([token]))  # a multi-byte character may span tokens
             texts[i] += piece

@@ -171,8 +171,7 @@ def main(args):
         raise SystemExit(f"error: --init_from={init_from} is unknown; use scratch, resume, a GPT-2 size "
                          f"({', '.join(GPT2_SIZES)}), or a folder with a GPT-2's config.json and model.safetensors")
     if lr_decay_iters == 0:  # fixed now and saved: resuming with a larger --max_iters goes on at min_lr
-        saved = ckpt.get("config", {}) if ckpt and "lr_decay_iters" not in overridden else {}  # (older runs saved 0)
-        globals()["lr_decay_iters"] = saved.get("max_iters", max_iters)
+        globals()["lr_decay_iters"] = max_iters
     check_settings()
     settings = {k: globals()[k] for k in configurator.setting_names(globals())}
 
