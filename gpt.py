@@ -87,14 +87,11 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # query, key, value in one matmul
         self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)  # mixes the heads back together
-        self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, cache=None):
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3 * C) cut into 3 x nh heads
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs) unpacked: each (B, nh, T, hs)
         if cache is not None:  # generation: remember this step's keys and values, attend over all so far
             k, v = cache.append(k, v)  # (B, nh, T_past + T, hs)
         # softmax(q @ k^T / sqrt(hs)) @ v: (B, nh, T, hs) @ (B, nh, hs, Tk) -> (B, nh, T, Tk) @ (B, nh, Tk, hs)
@@ -102,7 +99,7 @@ class CausalSelfAttention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=T > 1)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again: (B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        return F.dropout(self.c_proj(y), self.dropout, self.training)
 
 
 class MLP(nn.Module):
@@ -111,12 +108,12 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU
         self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        x = F.gelu(self.c_fc(x), approximate="tanh")  # GPT-2's GELU (the tanh approximation)
+        return F.dropout(self.c_proj(x), self.dropout, self.training)
 
 
 class Block(nn.Module):
@@ -168,7 +165,6 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding: what each token is
             wpe=nn.Embedding(config.block_size, config.n_embd),  # position embedding: where it is
-            drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
@@ -217,7 +213,8 @@ class GPT(nn.Module):
         start = cache[0].len if cache else 0  # with a cache, idx continues where the cache left off
         assert start + T <= self.config.block_size, f"{start + T} positions, but block_size is {self.config.block_size}"
         pos = torch.arange(start, start + T, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        x = F.dropout(x, self.config.dropout, self.training)
         for i, block in enumerate(self.transformer.h):
             x = block(x, cache[i] if cache else None)
         return self.transformer.ln_f(x)
