@@ -41,40 +41,53 @@ class GPTConfig:
 # The three parts of a transformer block, and the one layer they all use
 
 
-SLABS_PAY = {}  # (out, in, rows, threads) -> whether the slabs beat F.linear on this CPU, timed on first use
-
-
 class Linear(nn.Linear):
     """nn.Linear, plus a faster way to multiply one token's vector by a large weight on some CPUs (generation).
 
     Generating one token at a time multiplies every weight matrix by a single vector: a memory-bound product that
     PyTorch may run on one core at a fraction of the memory's speed, and most of the time per token. Cut into one
     slab of rows per thread and multiplied as a batch (bmm), the same product runs on every core: 2-4x faster on
-    the AMD CPU the README measures, but 3-4x slower on an Intel one whose BLAS does the plain product well. So
-    each weight shape is timed both ways on first use and takes the faster. Training, longer inputs and small
-    weights always take nn.Linear's usual path."""
+    the AMD CPUs the README measures, but 3-4x slower on an Intel one whose BLAS does the plain product well. So
+    slabs_pay() times both once and the faster is kept. Training, longer inputs and small weights always take
+    nn.Linear's usual path."""
 
     def forward(self, x):
         if (self.weight.numel() < 2**17 or x.numel() > 4 * self.in_features or torch.is_grad_enabled()
                 or x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu")):
             return F.linear(x, self.weight, self.bias)  # below 512 KB, weights stay in the CPU caches: no gain
-        key = (self.out_features, self.in_features, x.numel() // self.in_features, torch.get_num_threads())
-        if key not in SLABS_PAY:  # the fastest of 5 runs of each: about a millisecond, once per shape
-            slabs, plain = (min(timeit.repeat(lambda: f(x), number=1, repeat=5)) for f in (self.slabs, super().forward))
-            SLABS_PAY[key] = slabs < plain
-        return self.slabs(x) if SLABS_PAY[key] else F.linear(x, self.weight, self.bias)
+        return slab_linear(x, self.weight, self.bias) if slabs_pay() else F.linear(x, self.weight, self.bias)
 
-    def slabs(self, x):
-        rows = x.numel() // self.in_features
-        slabs = max(2, torch.get_num_threads())  # at least 2: even on one thread, bmm beat addmm on the AMD CPU
-        n = self.out_features // slabs * slabs  # the rows that fill whole slabs; the few left over go on their own
-        xt = x.reshape(rows, self.in_features).t()  # (in, rows)
-        w = self.weight[:n].reshape(slabs, n // slabs, self.in_features)  # (S, n/S, in)
-        y = torch.bmm(w, xt.expand(slabs, -1, -1)).view(n, rows)  # S products on S threads
-        if n < self.out_features:
-            y = torch.cat([y, self.weight[n:] @ xt])  # (out, rows)
-        y = y.t() if self.bias is None else y.t() + self.bias  # (rows, out)
-        return y.reshape(*x.shape[:-1], self.out_features)
+
+def slab_linear(x, weight, bias=None):
+    """F.linear(x, weight, bias) for a few rows of x (..., in) -> (..., out), as S = threads products at once."""
+    out_features, in_features = weight.shape
+    rows = x.numel() // in_features
+    slabs = max(2, torch.get_num_threads())  # at least 2: even on one thread, bmm beat addmm on the AMD CPUs
+    n = out_features // slabs * slabs  # the rows that fill whole slabs; the few left over go on their own
+    xt = x.reshape(rows, in_features).t()  # (in, rows)
+    w = weight[:n].reshape(slabs, n // slabs, in_features)  # (S, n/S, in)
+    y = torch.bmm(w, xt.expand(slabs, -1, -1)).view(n, rows)  # S products on S threads
+    if n < out_features:
+        y = torch.cat([y, weight[n:] @ xt])  # (out, rows)
+    y = y.t() if bias is None else y.t() + bias  # (rows, out)
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+SLABS_PAY = {}  # number of threads -> whether slab_linear beats F.linear on this CPU
+
+
+def slabs_pay():
+    """Whether slab_linear reads weights faster than F.linear here: timed on first use, in about 40 ms.
+
+    Timed on 64 MB of weights, more than a CPU's caches hold, as a model big enough to gain does: timing one weight
+    over and over would time it from the cache instead, where the two come out close and the choice flips."""
+    threads = torch.get_num_threads()
+    if threads not in SLABS_PAY:
+        weights, x = torch.zeros(16, 1024, 1024), torch.zeros(1, 1024)  # 16 weights of 4 MB, and one token
+        slabs, plain = (min(timeit.repeat(lambda: [f(x, w) for w in weights], number=1, repeat=3))
+                        for f in (slab_linear, F.linear))
+        SLABS_PAY[threads] = slabs < plain
+    return SLABS_PAY[threads]
 
 
 class CausalSelfAttention(nn.Module):
