@@ -113,7 +113,7 @@ def sample_text(model, tok, prompt_text, max_new_tokens, num_samples=1, temperat
     for step, next_ids in enumerate(generate(model, idx, max_new_tokens, temperature, top_k, top_p, generator,
                                              kv_cache)):
         if step == 0:
-            first = time.perf_counter() - t0  # the prompt's pass, plus any warm-up (GPU)
+            first = time.perf_counter() - t0  # the prompt's pass, plus one-time warm-up (GPU; gpt.slabs_pay on a CPU)
         for i, token in enumerate(next_ids.tolist()):
             piece = decoders[i].decode(tok.decode_bytes([token]))  # a multi-byte character may span tokens
             texts[i] += piece

@@ -46,15 +46,16 @@ class Linear(nn.Linear):
 
     Generating one token at a time multiplies every weight matrix by a single vector: a memory-bound product that
     PyTorch may run on one core at a fraction of the memory's speed, and most of the time per token. Cut into one
-    slab of rows per thread and multiplied as a batch (bmm), the same product runs on every core: 2-4x faster on
-    the AMD CPUs the README measures, but 3-4x slower on an Intel one whose BLAS does the plain product well. So
-    slabs_pay() times both once and the faster is kept. Training, longer inputs and small weights always take
-    nn.Linear's usual path."""
+    slab of rows per thread and multiplied as a batch (bmm), the same product runs on every core: 2-4x faster per
+    product on the AMD CPUs the README measures, but 3-4x slower on an Intel one whose BLAS does the plain product
+    well. So slabs_pay() times both once and the faster is kept."""
 
     def forward(self, x):
+        # the usual path for training, more than 4 rows, non-fp32, autocast, GPUs, and weights under 512 KB
+        # (which stay in the CPU's caches, so reading them is no bottleneck)
         if (self.weight.numel() < 2**17 or x.numel() > 4 * self.in_features or torch.is_grad_enabled()
                 or x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu")):
-            return F.linear(x, self.weight, self.bias)  # below 512 KB, weights stay in the CPU caches: no gain
+            return F.linear(x, self.weight, self.bias)
         return slab_linear(x, self.weight, self.bias) if slabs_pay() else F.linear(x, self.weight, self.bias)
 
 
@@ -77,16 +78,19 @@ SLABS_PAY = {}  # number of threads -> whether slab_linear beats F.linear on thi
 
 
 def slabs_pay():
-    """Whether slab_linear reads weights faster than F.linear here: timed on first use, in about 40 ms.
+    """Whether slab_linear reads weights faster than F.linear here: timed on first use, in about 50 ms.
 
-    Timed on 64 MB of weights, more than a CPU's caches hold, as a model big enough to gain does: timing one weight
-    over and over would time it from the cache instead, where the two come out close and the choice flips."""
+    Timed on 64 MB of weights, more than most CPUs' caches hold, read from memory as a model big enough to gain
+    reads them: timing one weight over and over would time it from the cache instead, where the two come out close
+    and the choice flips from one process to the next."""
     threads = torch.get_num_threads()
     if threads not in SLABS_PAY:
         weights, x = torch.zeros(16, 1024, 1024), torch.zeros(1, 1024)  # 16 weights of 4 MB, and one token
-        slabs, plain = (min(timeit.repeat(lambda: [f(x, w) for w in weights], number=1, repeat=3))
-                        for f in (slab_linear, F.linear))
-        SLABS_PAY[threads] = slabs < plain
+
+        def fastest(product):  # seconds for all 16 weights, the best of 5 runs
+            return min(timeit.repeat(lambda: [product(x, w) for w in weights], number=1, repeat=5))
+
+        SLABS_PAY[threads] = fastest(slab_linear) < fastest(F.linear)
     return SLABS_PAY[threads]
 
 
