@@ -68,6 +68,29 @@ def test_cached_and_uncached_generation_give_identical_tokens(prompt_len, temper
     assert torch.equal(cached, uncached)
 
 
+@pytest.mark.parametrize("slabs", [True, False])
+def test_in_float32_the_cached_logits_match_recomputing_whichever_cpu_product_runs(monkeypatch, slabs):
+    import gpt
+
+    monkeypatch.setattr(gpt, "SLABS_PAY", {torch.get_num_threads(): slabs})  # as if timed so on this CPU
+    products = []
+    real_bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a: products.append(a) or real_bmm(*a))
+    torch.manual_seed(0)  # width 256: c_attn, c_fc and the MLP's c_proj are large enough for the slab products
+    model = GPT(GPTConfig(block_size=32, vocab_size=30, n_layer=2, n_head=4, n_embd=256)).eval()
+    with torch.no_grad():  # biases start at zero, where a product that dropped them would go unseen
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.1)
+    idx = torch.randint(0, 30, (2, 24))
+    with torch.inference_mode():
+        full = model(idx)[0]  # (2, 24, V): every position at once, the usual product
+        cache = model.new_cache(2)
+        steps = [model(idx[:, :8], cache=cache)[0]] + [model(idx[:, t : t + 1], cache=cache)[0] for t in range(8, 24)]
+    assert bool(products) == slabs
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-4)
+
+
 def test_the_cache_feeds_one_position_per_step():
     model = tiny(block_size=16)
     lengths = []
