@@ -1,0 +1,72 @@
+"""bench.py reads its training figures from train.py's output: check that it parses the real output, and that it
+picks the right line for each figure on a scripted one."""
+
+import re
+import types
+
+from conftest import one_error_line, run_script
+from test_train import TINY
+
+
+def test_bench_train_reports_the_figures_of_the_runs_it_launched(corpus):
+    args = [*TINY, "--max_iters=30", "--eval_interval=10", "--log_interval=5"]
+    result = run_script("bench.py", "--target_loss=2.9", "--repeat=2", "--", *args, cwd=corpus)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    # each run's evaluations as bench echoed them: (seconds since launch, val loss), for steps 0, 10, 20, 30
+    echoed = [(float(s), float(v)) for s, v in re.findall(r"^ +([\d.]+) s \| step \d+: .*val loss ([\d.]+)", out, re.M)]
+    assert len(echoed) == 2 * 4, out
+    rows = {line.split()[1]: line.split()[2:] for line in out.splitlines() if re.match(r"run \d +\d", line)}
+    assert list(rows) == ["1", "2"] and "\nmedian " in out, out
+    for run, evals in (("1", echoed[:4]), ("2", echoed[4:])):
+        wall, reached, best, ms, tps, mfu, *memory = rows[run]
+        first = next(s for s, v in evals if v <= 2.9)  # fails here if the target was never reached
+        assert abs(float(reached) - first) <= 0.06 and float(reached) <= float(wall)
+        assert float(best) == round(min(v for _, v in evals), 3)
+        assert float(ms) > 0 and float(tps.replace(",", "")) > 0  # nan if train.py's iter lines stop matching
+        assert re.fullmatch(r"[\d.]+%", mfu) and " ".join(memory) == memory[0] + " MiB peak RSS"
+    assert "val loss vs seconds since launch, run 1:" in out
+
+
+def test_bench_train_takes_each_figure_from_the_right_line(monkeypatch):
+    import bench
+
+    lines = [
+        "step 0: train loss 4.1000, val loss 4.2000 (best), 0.0 s",
+        "iter 5: loss 3.9, lr 1.00e-03, 90.0 ms/iter, 700 tok/s, mfu 1.0%",  # warm-up: left out of the medians
+        "iter 10: loss 3.1, lr 1.00e-03, 10.0 ms/iter, 6,400 tok/s, mfu 9.0%",
+        "step 10: train loss 3.0000, val loss 2.8000 (best), 0.1 s",
+        "iter 15: loss 2.9, lr 1.00e-03, 12.0 ms/iter, 5,300 tok/s, mfu 7.5%",
+        "iter 20: loss 2.7, lr 1.00e-03, 11.0 ms/iter, 5,800 tok/s, mfu 8.2%",
+        "step 20: train loss 2.6000, val loss 2.5000 (best), 0.2 s",
+        "step 30: train loss 2.5000, val loss 2.6000, 0.3 s",
+        "done: 30 steps in 0.3 s, best val loss 2.5000, 123 MiB peak RSS",
+    ]
+    process = types.SimpleNamespace(stdout=iter(line + "\n" for line in lines), wait=lambda: 0, returncode=0)
+    monkeypatch.setattr(bench.subprocess, "Popen", lambda *a, **k: process)
+    clock = iter(range(100))  # a clock that moves one second each time it is read: launch 0, line k at k + 1
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    monkeypatch.setattr(bench, "target_loss", 2.9)
+    r = bench.run_train([])
+    assert r["curve"] == [(1.0, 0, 4.2), (4.0, 10, 2.8), (7.0, 20, 2.5), (8.0, 30, 2.6)]
+    assert r["s to val<=2.9"] == 4.0 and r["best val"] == 2.5 and r["wall s"] == 10.0
+    assert (r["ms/iter"], r["tok/s"], r["mfu"]) == (11.0, 5800.0, "8.2%")  # the median line, not the warm-up
+    assert r["memory"] == "123 MiB peak RSS"
+
+
+def test_bench_sample_times_the_cache_and_the_recomputation_and_gives_their_ratio(corpus):
+    result = run_script("bench.py", "--what=sample", "--repeat=1", "--device=cpu", "--n_layer=1", "--n_head=2",
+                        "--n_embd=32", "--block_size=16", "--max_new_tokens=40", cwd=corpus)
+    assert result.returncode == 0, result.stderr
+    assert "kv_cache=True" in result.stdout and "kv_cache=False" in result.stdout
+    m = re.search(r"median of 1: ([\d,]+) tokens/s with the cache, ([\d,]+) without: ([\d.]+)x", result.stdout)
+    cached, uncached = (float(g.replace(",", "")) for g in m.groups()[:2])
+    assert abs(cached / uncached - float(m[3])) < 0.1 * cached / uncached
+
+
+def test_bench_refuses_bad_input_with_one_line(corpus):
+    line = one_error_line(run_script("bench.py", "--what=speed", cwd=corpus))
+    assert "--what=speed" in line and "train or sample" in line
+    failed = run_script("bench.py", "--", *TINY, "--n_layer=0", cwd=corpus)  # train.py refuses; bench says so
+    assert failed.returncode != 0 and "Traceback" not in failed.stderr
+    assert failed.stderr.strip().splitlines()[-1].startswith("error: train.py failed")
