@@ -13,6 +13,7 @@ that Hugging Face's save_pretrained wrote, and gives the same logits as the tran
 Used by train.py (training) and generate.py (sampling); importing it has no side effects.
 """
 
+import functools
 import json
 import math
 import mmap
@@ -51,12 +52,12 @@ class Linear(nn.Linear):
     well. So slabs_pay() times both once and the faster is kept."""
 
     def forward(self, x):
-        # the usual path for training, more than 4 rows, non-fp32, autocast, GPUs, and weights under 512 KB
-        # (which stay in the CPU's caches, so reading them is no bottleneck)
+        # the usual path for training, over 4 rows, non-fp32, autocast, GPUs, and weights under 512 KB (cached)
         if (self.weight.numel() < 2**17 or x.numel() > 4 * self.in_features or torch.is_grad_enabled()
                 or x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu")):
             return F.linear(x, self.weight, self.bias)
-        return slab_linear(x, self.weight, self.bias) if slabs_pay() else F.linear(x, self.weight, self.bias)
+        pay = slabs_pay(torch.get_num_threads())
+        return slab_linear(x, self.weight, self.bias) if pay else F.linear(x, self.weight, self.bias)
 
 
 def slab_linear(x, weight, bias=None):
@@ -74,24 +75,19 @@ def slab_linear(x, weight, bias=None):
     return y.reshape(*x.shape[:-1], out_features)
 
 
-SLABS_PAY = {}  # number of threads -> whether slab_linear beats F.linear on this CPU
-
-
-def slabs_pay():
+@functools.cache  # timed once per process and number of threads
+def slabs_pay(threads):
     """Whether slab_linear reads weights faster than F.linear here: timed on first use, in about 50 ms.
 
     Timed on 64 MB of weights, more than most CPUs' caches hold, read from memory as a model big enough to gain
     reads them: timing one weight over and over would time it from the cache instead, where the two come out close
     and the choice flips from one process to the next."""
-    threads = torch.get_num_threads()
-    if threads not in SLABS_PAY:
-        weights, x = torch.zeros(16, 1024, 1024), torch.zeros(1, 1024)  # 16 weights of 4 MB, and one token
+    weights, x = torch.zeros(16, 1024, 1024), torch.zeros(1, 1024)  # 16 weights of 4 MB, and one token
 
-        def fastest(product):  # seconds for all 16 weights, the best of 5 runs
-            return min(timeit.repeat(lambda: [product(x, w) for w in weights], number=1, repeat=5))
+    def fastest(product):  # seconds for all 16 weights, the best of 5 runs
+        return min(timeit.repeat(lambda: [product(x, w) for w in weights], number=1, repeat=5))
 
-        SLABS_PAY[threads] = fastest(slab_linear) < fastest(F.linear)
-    return SLABS_PAY[threads]
+    return fastest(slab_linear) < fastest(F.linear)
 
 
 class CausalSelfAttention(nn.Module):

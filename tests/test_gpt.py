@@ -1,3 +1,4 @@
+import functools
 import math
 
 import pytest
@@ -94,7 +95,7 @@ def test_the_cpu_path_for_one_token_computes_what_nn_linear_computes(monkeypatch
     real_bmm = torch.bmm
     monkeypatch.setattr(torch, "bmm", lambda *a: slab_products.append(a) or real_bmm(*a))
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    monkeypatch.setattr(gpt, "SLABS_PAY", {})
+    monkeypatch.setattr(gpt, "slabs_pay", functools.cache(gpt.slabs_pay.__wrapped__))  # a fresh, empty cache
     torch.manual_seed(0)
     for out, inn, bias in [(1536, 384, True), (1001, 512, False), (50257, 64, False)]:  # 1001, 50257: ragged slabs
         layer = gpt.Linear(inn, out, bias=bias)
@@ -107,7 +108,7 @@ def test_the_cpu_path_for_one_token_computes_what_nn_linear_computes(monkeypatch
                 chosen = layer(x)  # whichever was faster here
                 took_slabs = bool(slab_products)
                 slabs = gpt.slab_linear(x, layer.weight, layer.bias)
-            assert took_slabs == gpt.SLABS_PAY[threads] and slab_products
+            assert took_slabs == gpt.slabs_pay(threads) and slab_products
             assert slabs.shape == chosen.shape == reference.shape
             torch.testing.assert_close(slabs, reference, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(chosen, reference, rtol=1e-5, atol=1e-5)
@@ -117,7 +118,7 @@ def test_the_cpu_path_for_one_token_computes_what_nn_linear_computes(monkeypatch
         assert not slab_products
         layer(torch.randn(1, inn)).sum().backward()  # training: the usual path, with gradients
         assert not slab_products and layer.weight.grad is not None
-    assert list(gpt.SLABS_PAY) == [threads]  # timed once per number of threads, not per weight
+    assert gpt.slabs_pay.cache_info().misses == 1  # timed once per number of threads, not per weight
 
 
 def test_the_one_token_path_takes_whichever_product_was_faster(monkeypatch):
@@ -126,7 +127,7 @@ def test_the_one_token_path_takes_whichever_product_was_faster(monkeypatch):
     layer = gpt.Linear(384, 1536)
     x = torch.randn(1, 384)
     for slow, expect_slabs in (("bmm", False), ("linear", True)):
-        monkeypatch.setattr(gpt, "SLABS_PAY", {})
+        monkeypatch.setattr(gpt, "slabs_pay", functools.cache(gpt.slabs_pay.__wrapped__))  # not timed yet
         used = []
         for name, module in (("bmm", torch), ("linear", torch.nn.functional)):
             real = getattr(module, name)
