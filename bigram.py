@@ -1,7 +1,7 @@
 """
 bigram.py: the simplest language model there is, in one self-contained file.
 
-    python bigram.py      # reads input.txt (python prepare.py downloads it), trains for a few seconds, samples
+    python bigram.py      # reads input.txt (Tiny Shakespeare), trains for a few seconds, samples
 
 Each token looks up a row of a (vocab_size, vocab_size) table and reads off scores for the next token: nothing
 about earlier tokens, no attention, no layers. It still learns which characters tend to follow which, and brings

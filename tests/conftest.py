@@ -12,7 +12,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-SHAKESPEARE = os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare", "input.txt")
+SHAKESPEARE = os.path.join(ROOT, "input.txt")  # Tiny Shakespeare, committed with the code
 GPT2_TIKTOKEN = os.path.join(ROOT, "..", "shared", "data", "gpt2", "gpt2.tiktoken")
 
 
