@@ -1,5 +1,5 @@
 """
-bench.py: measure training and sampling speed the way a user meets it.
+bench.py: measure training and sampling speed the way a user meets it, and the speed figures train.py prints.
 
     python bench.py                                           # train.py's defaults, once
     python bench.py --target_loss=1.88 --repeat=3 -- --max_iters=1000     # time-to-loss, median of 3 runs
@@ -12,8 +12,11 @@ loss, tokens/s, ms/iter, MFU and peak memory, plus the val-loss-vs-seconds curve
 
 Sampling (--what=sample) times generate.generate() on a randomly initialised model of the given shape, with the
 key/value cache and without it (recomputing the whole context every step), and prints both speeds and their ratio.
+
+At the bottom: the model FLOPs, device peaks and peak memory behind train.py's MFU and memory figures.
 """
 
+import functools
 import os
 import re
 import statistics
@@ -39,6 +42,10 @@ dtype = "float32"  # the weights' precision for --what=sample: auto, float32, bf
 device = "auto"
 # -----------------------------------------------------------------------------
 
+GPU_PEAK_FLOPS = {  # dense bf16/fp16 tensor-core peaks from the vendors' datasheets, FLOP/s; first match wins
+    "H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
+    "A10": 125e12, "V100": 125e12, "T4": 65e12,
+}
 EVAL_LINE = re.compile(r"^step (\d+): train loss ([\d.]+), val loss ([\d.]+)")
 ITER_LINE = re.compile(r"^iter (\d+): .* ([\d.]+) ms/iter, ([\d,]+) tok/s, mfu ([\d.]+%|n/a)")
 DONE_LINE = re.compile(r"^done: .*, ([\d,]+ MiB [^,]*)$")
@@ -95,7 +102,7 @@ def bench_train(train_args):
 def bench_sample():
     import torch
 
-    from generate import generate
+    from generate import generate, use_slab_products
     from gpt import GPT, GPTConfig
 
     dev = configurator.pick_device(device)
@@ -103,6 +110,7 @@ def bench_sample():
     torch.manual_seed(0)
     config = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, vocab_size=vocab_size)
     model = GPT(config).to(dev, getattr(torch, precision)).eval()
+    use_slab_products(model)  # as generate.py samples
     prompt = torch.zeros((num_samples, 1), dtype=torch.long, device=dev)
     print(f"{model.num_params() / 1e6:.2f}M parameters, block_size {block_size}, {max_new_tokens} new tokens, "
           f"batch {num_samples}, {precision}, on {dev} with {torch.get_num_threads()} threads")
@@ -121,6 +129,56 @@ def bench_sample():
     cached, uncached = statistics.median(speeds[True]), statistics.median(speeds[False])
     print(f"median of {repeat}: {cached:,.0f} tokens/s with the cache, {uncached:,.0f} without: "
           f"{cached / uncached:.1f}x")
+
+
+# -----------------------------------------------------------------------------
+# The figures train.py prints: model FLOPs against the device's peak (MFU), and peak memory
+
+
+def flops_per_token(model):
+    """Training FLOPs per token: 6 per weight (2 forward, 4 backward), the position table left out, plus
+    6 * n_layer * n_embd * block_size for attention's two products (causal: half of the full score matrix)."""
+    c = model.config
+    return 6 * model.num_params(non_embedding=True) + 6 * c.n_layer * c.n_embd * c.block_size
+
+
+@functools.cache
+def cpu_matmul_flops(dtype):
+    """FLOP/s of a 1024x1024 matmul in `dtype` on this CPU, measured in a few milliseconds."""
+    import torch
+
+    a = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0)).to(dtype)  # leaves torch's rng alone
+    a @ a  # warm up
+    t0 = time.perf_counter()
+    for _ in range(8):
+        a @ a
+    return 8 * 2 * 1024**3 / (time.perf_counter() - t0)
+
+
+def peak_flops(device_type, ptdtype):
+    """The device's peak FLOP/s in the training precision: a datasheet for GPUs, the matmul probe on a CPU;
+    None where neither is known (fp32 on a GPU, an unlisted GPU, MPS)."""
+    import torch
+
+    if device_type == "cuda":
+        name = torch.cuda.get_device_name()
+        peak = next((f for gpu, f in GPU_PEAK_FLOPS.items() if re.search(rf"\b{gpu}\b", name)), None)  # not A10G
+        return peak if ptdtype != torch.float32 else None
+    return cpu_matmul_flops(ptdtype) if device_type == "cpu" else None
+
+
+def peak_memory(device_type):
+    """The run's peak memory, as text: allocated on a GPU, this process's resident set elsewhere."""
+    import torch
+
+    if device_type == "cuda":
+        return f"{torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB on the GPU"
+    if sys.platform == "win32":
+        return "peak memory n/a"
+    import resource  # KiB on Linux, bytes on macOS
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
+    return f"{rss:,.0f} MiB peak RSS"
 
 
 if __name__ == "__main__":

@@ -80,8 +80,11 @@ def read_config_file(path, known):
 
 
 def configure(settings, args):
-    """Apply config files and --key=value overrides to `settings` (a script's globals()); return the keys set."""
+    """Apply config files and --key=value overrides to `settings` (a script's globals()); return the keys set.
+    Each call starts again from the defaults written in the script (kept, at the first call, in `_defaults`),
+    so a script's main() can run twice in one process."""
     known = setting_names(settings)
+    settings.update(settings.setdefault("_defaults", {k: settings[k] for k in known}))
     if any(a in ("-h", "--help") for a in args):
         print((settings.get("__doc__") or "").strip(), "\nsettings:", file=sys.stderr)
         for k in known:

@@ -13,16 +13,17 @@ gpt.py; `--kv_cache=False` recomputes the whole context every step instead (same
 """
 
 import codecs
-import os
+import functools
 import sys
 import time
+import timeit
 
 import torch
+import torch.nn as nn
 from torch.nn import functional as F
 
 import configurator
-import tokenizer as tokenizers
-from gpt import GPT2_SIZES, GPT, load_checkpoint, model_from_checkpoint
+from checkpoint import load_model
 
 # -----------------------------------------------------------------------------
 init_from = "out/best.pt"  # a checkpoint of train.py's, or GPT-2: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a
@@ -73,8 +74,8 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, ge
     encoded for a position it no longer has.) With kv_cache=False every step recomputes that same context in
     full, so both paths see exactly the same tokens.
     """
-    if idx.is_cuda:  # cuDNN's attention plans each new key length anew, a few ms, and here every token brings one
-        torch.backends.cuda.enable_cudnn_sdp(False)  # (on an H100, 6 x 384 model: 32 -> 269 tokens/s)
+    if idx.is_cuda:  # cuDNN's attention builds a plan for each new key length, and here every token brings one
+        torch.backends.cuda.enable_cudnn_sdp(False)
     block_size = model.config.block_size
     keep = block_size - block_size // 4
     context = idx if idx.size(1) <= block_size else idx[:, -keep:]  # (B, T) what the model sees
@@ -113,7 +114,7 @@ def sample_text(model, tok, prompt_text, max_new_tokens, num_samples=1, temperat
     for step, next_ids in enumerate(generate(model, idx, max_new_tokens, temperature, top_k, top_p, generator,
                                              kv_cache)):
         if step == 0:
-            first = time.perf_counter() - t0  # the prompt's pass, plus one-time warm-up (GPU; gpt.slabs_pay on a CPU)
+            first = time.perf_counter() - t0  # the prompt's pass, plus one-time warm-up (GPU; slabs_pay on a CPU)
         for i, token in enumerate(next_ids.tolist()):
             piece = decoders[i].decode(tok.decode_bytes([token]))  # a multi-byte character may span tokens
             texts[i] += piece
@@ -131,15 +132,70 @@ def sample_text(model, tok, prompt_text, max_new_tokens, num_samples=1, temperat
     return texts
 
 
-def load_model(init_from):
-    """The model and its tokenizer: from a train.py checkpoint, or GPT-2's published weights (a size or a folder)."""
-    if init_from in GPT2_SIZES or os.path.isdir(init_from):
-        import prepare  # GPT-2's vocabulary: beside the weights when the folder has it, else downloaded once
+def load_for_sampling(init_from, device, dtype):
+    """The model and tokenizer from init_from (see checkpoint.py), on `device` in `dtype`, ready to sample from."""
+    model, tok = load_model(init_from)
+    model = model.to(device, getattr(torch, dtype)).eval()
+    use_slab_products(model)
+    return model, tok
 
-        has_vocab = os.path.isfile(os.path.join(init_from, "vocab.json"))
-        return GPT.from_pretrained(init_from), prepare.gpt2_tokenizer(init_from if has_vocab else "")
-    ckpt = load_checkpoint(init_from)
-    return model_from_checkpoint(ckpt, init_from), tokenizers.from_dict(ckpt["tokenizer"])
+
+# -----------------------------------------------------------------------------
+# Faster on a CPU: one token's vector times a large weight matrix
+
+
+def use_slab_products(model):
+    """Let the model's large linear layers multiply a single token's vector the faster of two ways (SlabLinear)."""
+    for module in model.modules():
+        if type(module) is nn.Linear and module.weight.numel() >= 2**17:  # 512 KB in fp32: smaller ones stay cached
+            module.__class__ = SlabLinear  # the same module and parameters, another forward
+
+
+class SlabLinear(nn.Linear):
+    """nn.Linear, plus a second way to multiply a few rows by a large weight on a CPU.
+
+    Each cached sampling step multiplies every weight matrix by one vector: a memory-bound product that some
+    CPUs' BLAS runs on one core, far below the memory's speed. Cut into one slab of rows per thread and
+    multiplied as one batched product (bmm), it runs on every core. Other CPUs' BLAS already reads the weight at
+    full speed, and there the slabs only cost; slabs_pay() times both once, and the faster is kept."""
+
+    def forward(self, x):
+        if (x.numel() > 4 * self.in_features or torch.is_grad_enabled() or x.device.type != "cpu"
+                or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu")):
+            return F.linear(x, self.weight, self.bias)  # training, prefill, GPUs, other precisions
+        if slabs_pay(torch.get_num_threads()):
+            return slab_linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+def slab_linear(x, weight, bias=None):
+    """F.linear(x, weight, bias) for a few rows of x (..., in) -> (..., out), as S = threads products at once."""
+    out_features, in_features = weight.shape
+    rows = x.numel() // in_features
+    slabs = max(2, torch.get_num_threads())  # at least 2 slabs: bmm splits its batch over the threads
+    n = out_features // slabs * slabs  # the rows that fill whole slabs; the few left over go on their own
+    xt = x.reshape(rows, in_features).t()  # (in, rows)
+    w = weight[:n].reshape(slabs, n // slabs, in_features)  # (S, n/S, in)
+    y = torch.bmm(w, xt.expand(slabs, -1, -1)).view(n, rows)  # S products on S threads
+    if n < out_features:
+        y = torch.cat([y, weight[n:] @ xt])  # (out, rows)
+    y = y.t() if bias is None else y.t() + bias  # (rows, out)
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+@functools.cache  # timed once per process and number of threads
+def slabs_pay(threads):
+    """Whether slab_linear reads weights faster than F.linear here: timed on first use, in about 50 ms.
+
+    The weights add up to 64 MB, more than most CPUs' caches hold, so both products read them from memory, as
+    they do for a model large enough to gain: one small weight timed over and over would be read from the cache,
+    where the two products come out close and the choice would flip from one process to the next."""
+    weights, x = torch.zeros(16, 1024, 1024), torch.zeros(1, 1024)  # 16 weights of 4 MB, and one token
+
+    def fastest(product):  # seconds for all 16 weights, the best of 5 runs
+        return min(timeit.repeat(lambda: [product(x, w) for w in weights], number=1, repeat=5))
+
+    return fastest(slab_linear) < fastest(F.linear)
 
 
 def main(args):
@@ -163,11 +219,9 @@ def main(args):
             raise SystemExit(f"error: cannot read the prompt file {text[5:]} ({type(e).__name__}); "
                              f"give a UTF-8 text file")
     dev = configurator.pick_device(device)
-    precision = configurator.pick_dtype(dtype, dev)  # float32 off the GPU: bf16 gains little there (README, Speed)
-    model, tok = load_model(init_from)
+    model, tok = load_for_sampling(init_from, dev, configurator.pick_dtype(dtype, dev))  # fp32 off the GPU
     try:
-        sample_text(model.to(dev, getattr(torch, precision)), tok, text, max_new_tokens, num_samples, temperature,
-                    top_k, top_p, seed, kv_cache)
+        sample_text(model, tok, text, max_new_tokens, num_samples, temperature, top_k, top_p, seed, kv_cache)
     except KeyboardInterrupt:
         print(file=sys.stderr)
         raise SystemExit(130)

@@ -1,14 +1,14 @@
 """
 prepare.py: turn a text file into training data.
 
-    python prepare.py                          # Tiny Shakespeare, one token per character -> data/char/
+    python prepare.py                          # input.txt (Tiny Shakespeare), one token per character -> data/char/
     python prepare.py --input=my_book.txt      # any UTF-8 text
+    python prepare.py --input=https://www.gutenberg.org/cache/epub/100/pg100.txt   # a text downloaded first
     python prepare.py --tokenizer=bpe --vocab_size=4096   # byte-level BPE learned from the text -> data/bpe/
     python prepare.py --tokenizer=gpt2         # GPT-2's own 50,257-token BPE (vocabulary downloaded once)
     python prepare.py --tokenizer=gpt2 --gpt2_vocab=gpt2.tiktoken          # ... or read from a local file
 
-Reads `input` (downloading Tiny Shakespeare into input.txt when it is the default and missing), splits the text
-90/10 into train and validation, encodes both, and writes to `data_dir`:
+Reads the text, splits it 90/10 into train and validation, encodes both, and writes to `data_dir`:
 
     train.bin, val.bin   the token ids as raw uint16 arrays (read them with np.memmap)
     meta.json            the tokenizer, vocabulary size, token counts and the source's sha256
@@ -27,82 +27,31 @@ import numpy as np
 
 import configurator
 import tokenizer as tokenizers
+from files import download, write_atomically
 
 # -----------------------------------------------------------------------------
-input = "input.txt"  # UTF-8 text to learn from; the default is downloaded if missing
+input = "input.txt"  # UTF-8 text to learn from: a file, or an http(s):// URL to download into data_dir first
 tokenizer = "char"  # 'char': one token per character; 'bpe': byte-level BPE learned here; 'gpt2': GPT-2's BPE
 vocab_size = 4096  # bpe only: 256 bytes + merges + <|endoftext|>; more merges, shorter sequences, bigger embeddings
 gpt2_vocab = ""  # gpt2 only: a .tiktoken file, or a folder with vocab.json+merges.txt or encoder.json+vocab.bpe;
-#                  empty: download vocab.json+merges.txt from Hugging Face once, into CACHE_DIR
+#                  empty: download vocab.json+merges.txt from Hugging Face once, into files.CACHE_DIR
 data_dir = ""  # where to write; empty means data/<tokenizer>
 val_fraction = 0.1  # the last 10% of the text is held out for validation
 # -----------------------------------------------------------------------------
 
+DEFAULT_INPUT = "input.txt"  # Tiny Shakespeare, which comes with the code; downloaded again if deleted
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-DEFAULT_INPUT = "input.txt"
-CACHE_DIR = os.environ.get("GPT_FROM_SCRATCH_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "gpt-from-scratch"))
-GPT2_URL = "https://huggingface.co/openai-community/gpt2/resolve/main/"  # + vocab.json, merges.txt
-GPT2_FILES = [("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")]  # Hugging Face's names, OpenAI's
 
 
-def write_atomically(path, write):
-    """Call write(f) on a temporary file beside `path`, flush it to disk, then rename it over `path`:
-    a reader (or a crash) sees the old file or the new one, never half of one. train.py saves checkpoints so."""
-    tmp = f"{path}.{os.getpid()}.tmp"  # per process: two writers sharing a disk never write one temporary
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if hasattr(os, "O_DIRECTORY"):  # POSIX: flush the directory entry too, so the rename survives a power cut
-        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_DIRECTORY)
-        os.fsync(fd)
-        os.close(fd)
-
-
-def download(url, path, hint, sha256=None):
-    """Fetch `url` into `path` with progress on stderr. An interrupted download resumes from its .part file;
-    the size is checked against the server's, and the sha256 too when given. Offline: one line naming the URL
-    and `hint` (what to do instead)."""
-    import requests  # only needed here
-
-    part = f"{path}.part"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    have = os.path.getsize(part) if os.path.exists(part) else 0
-    try:
-        with requests.get(url, headers={"Range": f"bytes={have}-"} if have else {}, stream=True, timeout=30) as r:
-            if r.status_code == 416:  # the .part file is not a prefix of this file: start over
-                os.remove(part)
-                return download(url, path, hint, sha256)
-            r.raise_for_status()
-            if r.status_code != 206:  # the server sent the whole file, not the rest of it
-                have = 0
-            total = have + int(r.headers.get("Content-Length", 0))
-            shown = 0
-            with open(part, "ab" if have else "wb") as f:
-                for chunk in r.iter_content(chunk_size=1 << 20):
-                    f.write(chunk)
-                    have += len(chunk)
-                    if total > 1e6 and (have - shown > total / 20 or have == total):
-                        print(f"  {os.path.basename(path)}: {have / 1e6:,.1f} of {total / 1e6:,.1f} MB", file=sys.stderr)
-                        shown = have
-    except requests.RequestException as e:
-        raise SystemExit(f"error: could not download {url} ({type(e).__name__}); {hint}")
-    if total and have != total:
-        raise SystemExit(f"error: the download of {url} stopped at {have:,} of {total:,} bytes; run again to resume")
-    if sha256:
-        with open(part, "rb") as f:
-            if hashlib.sha256(f.read()).hexdigest() != sha256:
-                os.remove(part)
-                raise SystemExit(f"error: the file at {url} is not the expected one (sha256 mismatch); {hint}")
-    os.replace(part, path)
-    return path
-
-
-def read_text(path):
-    """The text of `path`, or a one-line error saying what is wrong with it."""
-    if not os.path.exists(path):
+def read_text(path, data_dir):
+    """The text of `path` (downloaded into data_dir first if it is a URL) and the sha256 of its bytes, or a
+    one-line error saying what is wrong with it."""
+    if path.startswith(("http://", "https://")):
+        url, path = path, os.path.join(data_dir, os.path.basename(path.split("?")[0]) or "input.txt")
+        print(f"downloading {url} to {path}", file=sys.stderr)
+        download(url, path, "check the URL, or download the text yourself and pass --input=FILE")
+    elif not os.path.exists(path):
         if path != DEFAULT_INPUT:
             raise SystemExit(f"error: input file {path} not found; pass --input=FILE with a UTF-8 text file")
         print(f"downloading Tiny Shakespeare from {SHAKESPEARE_URL}", file=sys.stderr)
@@ -119,40 +68,22 @@ def read_text(path):
         raise SystemExit(f"error: {path} is not UTF-8 text (byte {e.start} is invalid); convert it to UTF-8 first")
 
 
-def gpt2_tokenizer(source=""):
-    """GPT-2's tokenizer from `source`: a tiktoken rank file, or a folder with vocab.json + merges.txt or
-    encoder.json + vocab.bpe. Empty: vocab.json and merges.txt from Hugging Face, downloaded once to CACHE_DIR."""
-    hint = ("pass --gpt2_vocab=PATH: a local gpt2.tiktoken file, or a folder with vocab.json+merges.txt or "
-            "encoder.json+vocab.bpe")
-    if not source:
-        source = os.path.join(CACHE_DIR, "gpt2")
-        for name in GPT2_FILES[0]:
-            if not os.path.exists(os.path.join(source, name)):
-                print(f"downloading GPT-2's {name} from {GPT2_URL}", file=sys.stderr)
-                download(GPT2_URL + name, os.path.join(source, name), hint)
-    if os.path.isfile(source):
-        tok = tokenizers.gpt2_from_tiktoken(source)
-    elif os.path.isdir(source):
-        found = [names for names in GPT2_FILES if all(os.path.isfile(os.path.join(source, n)) for n in names)]
-        if not found:
-            raise SystemExit(f"error: {source} has neither vocab.json+merges.txt nor encoder.json+vocab.bpe; {hint}")
-        tok = tokenizers.gpt2_from_vocab_and_merges(*(os.path.join(source, n) for n in found[0]))
-    else:
-        raise SystemExit(f"error: --gpt2_vocab={source} not found; {hint}")
-
-    # a well-formed file may still hold another vocabulary: GPT-2's has 50,257 tokens and knows "Hello world"
-    if tok.vocab_size != 50257 or tok.encode("Hello world") != [15496, 995]:
-        raise SystemExit(f"error: {source} holds a BPE vocabulary, but not GPT-2's; {hint}")
-    return tok
+def split_point(text, val_fraction):
+    """Where the validation text starts. The text is split, not the tokens, so no token straddles the split;
+    nor is <|endoftext|> cut in two: one that straddles it starts the val split instead."""
+    n = int(len(text) * (1 - val_fraction))
+    eot = text.find(tokenizers.ENDOFTEXT, max(0, n - len(tokenizers.ENDOFTEXT) + 1))
+    return eot if 0 <= eot < n else n
 
 
-def make_tokenizer(name, text, vocab_size=4096, gpt2_vocab=""):
+def make_tokenizer(name, train_text, vocab_size=4096, gpt2_vocab=""):
+    """A new tokenizer of kind `name`; BPE learns from the train text only (its bytes cover any other text)."""
     if name == "char":
-        return tokenizers.CharTokenizer.train(text)
+        return tokenizers.CharTokenizer.train(train_text)
     if name == "bpe":
-        return tokenizers.BPETokenizer.train(text, vocab_size)
+        return tokenizers.BPETokenizer.train(train_text, vocab_size)
     if name == "gpt2":
-        return gpt2_tokenizer(gpt2_vocab)
+        return tokenizers.gpt2_tokenizer(gpt2_vocab)
     raise SystemExit(f"error: --tokenizer={name} is unknown; use char, bpe or gpt2")
 
 
@@ -161,13 +92,10 @@ def prepare(input=DEFAULT_INPUT, tokenizer="char", data_dir="", val_fraction=0.1
     data_dir = data_dir or os.path.join("data", tokenizer)
     if not 0 < val_fraction < 1:
         raise SystemExit(f"error: --val_fraction={val_fraction} must be between 0 and 1, like 0.1")
-    text, sha256 = read_text(input)
-    n = int(len(text) * (1 - val_fraction))  # split the text (not the tokens): no token straddles the boundary
-    eot = text.find(tokenizers.ENDOFTEXT, max(0, n - len(tokenizers.ENDOFTEXT) + 1))
-    if 0 <= eot < n:  # nor is <|endoftext|> cut in two: it starts the val split instead
-        n = eot
+    text, sha256 = read_text(input, data_dir)
+    n = split_point(text, val_fraction)
 
-    # the char vocabulary must cover the val text too; BPE learns from the train text only (bytes cover the rest)
+    # the tokenizer: a char vocabulary must cover the val text too
     t0 = time.perf_counter()
     tok = make_tokenizer(tokenizer, text if tokenizer == "char" else text[:n], vocab_size, gpt2_vocab)
     if tokenizer != "char":
@@ -176,24 +104,19 @@ def prepare(input=DEFAULT_INPUT, tokenizer="char", data_dir="", val_fraction=0.1
         raise SystemExit(f"error: {input} has {tok.vocab_size:,} distinct tokens, but uint16 holds ids up to 65,535; "
                          f"use a smaller text or a tokenizer with a smaller vocabulary")
 
-    # <|endoftext|> in the text separates documents: with BPE it is the one special token
+    # the token ids: <|endoftext|> in the text separates documents, and with BPE it is the one special token
     splits = {"train": tok.encode(text[:n], allowed_special=True), "val": tok.encode(text[n:], allowed_special=True)}
     for split, ids in splits.items():
         if len(ids) < 2:  # one (input, target) pair is the least a block can hold
             raise SystemExit(f"error: {input} is too short: its {split} split has {len(ids)} tokens, "
                              f"not enough for one block; use a longer text")
 
+    # the files: meta.json last, so that data with a meta.json is always complete
     os.makedirs(data_dir, exist_ok=True)
     for split, ids in splits.items():
         write_atomically(os.path.join(data_dir, f"{split}.bin"), np.array(ids, dtype=np.uint16).tofile)
-    meta = {
-        "tokenizer": tok.to_dict(),
-        "vocab_size": tok.vocab_size,
-        "train_tokens": len(splits["train"]),
-        "val_tokens": len(splits["val"]),
-        "source": os.path.abspath(input),
-        "source_sha256": sha256,
-    }
+    meta = {"tokenizer": tok.to_dict(), "vocab_size": tok.vocab_size, "train_tokens": len(splits["train"]),
+            "val_tokens": len(splits["val"]), "source": os.path.abspath(input), "source_sha256": sha256}
     meta_json = json.dumps(meta, ensure_ascii=False).encode("utf-8")
     write_atomically(os.path.join(data_dir, "meta.json"), lambda f: f.write(meta_json))
     print(f"{input}: {len(text):,} characters -> {meta['train_tokens']:,} train and {meta['val_tokens']:,} val "

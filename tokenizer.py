@@ -3,25 +3,32 @@ tokenizer.py: how text becomes token ids and back.
 
     CharTokenizer  one id per distinct character (the vocabulary is the sorted set of characters)
     BPETokenizer   byte-level BPE: GPT-2's regex pre-split, then merges of byte pairs learned by `train`
-    gpt2_from_tiktoken(path), gpt2_from_vocab_and_merges(vocab_path, merges_path)
-                   GPT-2's own BPE (50,257 tokens) from a tiktoken rank file, or from vocab.json + merges.txt
-                   (Hugging Face) / encoder.json + vocab.bpe (OpenAI's release); prepare.gpt2_tokenizer finds them
+    gpt2_tokenizer(source)
+                   GPT-2's own BPE (50,257 tokens), from a tiktoken rank file, vocab.json + merges.txt (Hugging
+                   Face) or encoder.json + vocab.bpe (OpenAI's release); downloaded once when no source is given
 
-Every tokenizer has the same small API: `encode(text) -> list[int]`, `decode(ids) -> str`,
+Every tokenizer has the API of `Tokenizer`: `encode(text) -> list[int]`, `decode(ids) -> str`,
 `decode_bytes(ids) -> bytes` (for streaming output a token at a time), `vocab_size`, and `to_dict()`, a plain
-JSON-able dict that `from_dict` turns back into the tokenizer. That dict is what prepare.py writes to meta.json
-and train.py stores inside every checkpoint, so a checkpoint alone is enough to sample from.
-`encode(text, allowed_special=True)` turns `<|endoftext|>` written in the text into its one id (BPE only);
-by default it is plain text.
+JSON-able dict that `from_dict` turns back into the tokenizer (`save` and `load` write and read it as JSON).
+That dict is what prepare.py writes to meta.json and train.py stores inside every checkpoint, so a checkpoint
+alone is enough to sample from. `encode(text, allowed_special=True)` turns `<|endoftext|>` written in the text
+into its one id (BPE only); by default it is plain text.
+
+BPE is learned twice over: `BPETokenizer.train_naive` is the plain algorithm, easy to read and slow;
+`BPETokenizer.train` gives the same merges, counting each distinct word once and updating counts incrementally.
 """
 
 import base64
 import functools
 import heapq
 import json
+import os
 import re
+import sys
 import unicodedata
 from collections import Counter, defaultdict
+
+from files import CACHE_DIR, download
 
 
 def checked(ids, vocab_size):
@@ -34,7 +41,43 @@ def checked(ids, vocab_size):
     return ids
 
 
-class CharTokenizer:
+class Tokenizer:
+    """The API every tokenizer here has; the subclasses fill in encode, decode_bytes and to_dict."""
+
+    vocab_size = 0  # ids run from 0 to vocab_size - 1
+
+    def encode(self, text, allowed_special=False):
+        """Text -> a list of ids."""
+        raise NotImplementedError
+
+    def decode_bytes(self, ids):
+        """Ids -> the UTF-8 bytes they stand for (a token may hold part of a character)."""
+        raise NotImplementedError
+
+    def decode(self, ids):
+        """Ids -> text. Any ids decode: bytes that are not UTF-8 (a character cut in two) become U+FFFD."""
+        data = self.decode_bytes(ids)
+        try:
+            return data.decode("utf-8", "surrogatepass")  # lone surrogates were encoded so: give them back
+        except UnicodeDecodeError:
+            return data.decode("utf-8", "replace")
+
+    def to_dict(self):
+        """A plain, JSON-able dict that from_dict() turns back into this tokenizer."""
+        raise NotImplementedError
+
+    def save(self, path):
+        """Write the tokenizer as plain JSON (never pickle)."""
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, ensure_ascii=False)
+
+    @staticmethod
+    def load(path):
+        with open(path, encoding="utf-8") as f:
+            return from_dict(json.load(f))
+
+
+class CharTokenizer(Tokenizer):
     def __init__(self, chars):
         self.chars = chars  # a str: id i is the character chars[i]
         self.ids = {c: i for i, c in enumerate(chars)}
@@ -139,7 +182,22 @@ def merge(ids, pair, new_id):
     return out
 
 
-class BPETokenizer:
+def chunks_of(text, special_tokens=(ENDOFTEXT,), pattern=GPT2_PATTERN):
+    """The pre-split chunks of `text`, in order; special tokens only separate them (no merge crosses one)."""
+    split = compile_pattern(pattern)
+    parts = re.split("|".join(map(re.escape, special_tokens)), text) if special_tokens else [text]
+    return [chunk for part in parts for chunk in split.findall(part)]
+
+
+def merges_wanted(vocab_size, special_tokens):
+    """How many merges make a vocabulary of vocab_size: 256 bytes + merges + special tokens."""
+    if not 256 + len(special_tokens) <= vocab_size <= 65536:
+        raise SystemExit(f"error: --vocab_size={vocab_size} must be between {256 + len(special_tokens)} "
+                         f"(256 bytes + {len(special_tokens)} special) and 65536 (ids up to 65,535 fit in uint16)")
+    return vocab_size - 256 - len(special_tokens)
+
+
+class BPETokenizer(Tokenizer):
     """Byte-level BPE. Ids 0..255 are single bytes (in `byte_order`), merge i makes id 256 + i from a pair of
     earlier ids, and the special tokens come last. Any text, even one with lone surrogates, round-trips."""
 
@@ -170,19 +228,28 @@ class BPETokenizer:
     # -- training --------------------------------------------------------------------------------------------
 
     @classmethod
-    def train(cls, text, vocab_size, special_tokens=(ENDOFTEXT,), pattern=GPT2_PATTERN):
-        """Learn vocab_size - 256 - len(special_tokens) merges from `text`. Each step merges the most frequent
-        adjacent pair of ids; ties go to the smallest pair (id_a, id_b), so training is deterministic. Stops
-        early if no pair is left. Special tokens in the text only separate it: no merge crosses them."""
-        n_merges = vocab_size - 256 - len(special_tokens)
-        if n_merges < 0 or vocab_size > 65536:
-            raise SystemExit(f"error: --vocab_size={vocab_size} must be between {256 + len(special_tokens)} "
-                             f"(256 bytes + {len(special_tokens)} special) and 65536 (ids up to 65,535 fit in uint16)")
+    def train_naive(cls, text, vocab_size, special_tokens=(ENDOFTEXT,), pattern=GPT2_PATTERN):
+        """BPE as it is defined: start from every chunk's bytes; again and again, count every adjacent pair of
+        ids in the whole text, and merge the most frequent one (ties: the smallest pair (id_a, id_b)) into a new
+        id. Slow, since every merge recounts everything, and plainly right: `train` is tested against it."""
+        n_merges = merges_wanted(vocab_size, special_tokens)
+        words = [list(chunk.encode("utf-8", "surrogatepass")) for chunk in chunks_of(text, special_tokens, pattern)]
+        merges = []
+        while len(merges) < n_merges:
+            counts = Counter(pair for ids in words for pair in zip(ids, ids[1:]))
+            if not counts:
+                break
+            pair = min(counts, key=lambda p: (-counts[p], p))  # the most frequent, then the smallest
+            words = [merge(ids, pair, 256 + len(merges)) for ids in words]
+            merges.append(pair)
+        return cls(merges, range(256), {s: 256 + len(merges) + i for i, s in enumerate(special_tokens)}, pattern)
 
-        # count each distinct chunk once: BPE only ever sees a chunk's bytes, so equal chunks merge alike
-        split = compile_pattern(pattern)
-        parts = re.split("|".join(map(re.escape, special_tokens)), text) if special_tokens else [text]
-        chunks = Counter(chunk for part in parts for chunk in split.findall(part))
+    @classmethod
+    def train(cls, text, vocab_size, special_tokens=(ENDOFTEXT,), pattern=GPT2_PATTERN):
+        """The merges of train_naive, learned fast. Each distinct chunk is counted once (equal chunks merge
+        alike), and a merge updates only the counts of the pairs it touches, in the words that hold it."""
+        n_merges = merges_wanted(vocab_size, special_tokens)
+        chunks = Counter(chunks_of(text, special_tokens, pattern))
         words = [list(chunk.encode("utf-8", "surrogatepass")) for chunk in chunks]
         freqs = list(chunks.values())
 
@@ -223,8 +290,7 @@ class BPETokenizer:
                         heapq.heappush(heap, (-counts[p], p))
                     else:
                         del counts[p]
-        specials = {s: 256 + len(merges) + i for i, s in enumerate(special_tokens)}
-        return cls(merges, range(256), specials, pattern)
+        return cls(merges, range(256), {s: 256 + len(merges) + i for i, s in enumerate(special_tokens)}, pattern)
 
     # -- encoding and decoding -------------------------------------------------------------------------------
 
@@ -261,34 +327,46 @@ class BPETokenizer:
     def decode_bytes(self, ids):
         return b"".join(self.vocab[i] for i in checked(ids, self.vocab_size))
 
-    def decode(self, ids):
-        """Ids -> text. Any ids decode: bytes that are not UTF-8 (a character cut in two) become U+FFFD."""
-        data = self.decode_bytes(ids)
-        try:
-            return data.decode("utf-8", "surrogatepass")  # lone surrogates were encoded so: give them back
-        except UnicodeDecodeError:
-            return data.decode("utf-8", "replace")
-
-    # -- saving and loading ----------------------------------------------------------------------------------
-
     def to_dict(self):
         return {"type": "bpe", "pattern": self.pattern, "byte_order": list(self.byte_order),
                 "merges": [list(p) for p in self.merges], "special_tokens": dict(self.special_tokens)}
 
-    def save(self, path):
-        """Write the tokenizer as plain JSON (never pickle)."""
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, ensure_ascii=False)
-
-    @classmethod
-    def load(cls, path):
-        with open(path, encoding="utf-8") as f:
-            return from_dict(json.load(f))
 
 
 # -----------------------------------------------------------------------------
 # GPT-2's vocabulary, from the files it is published as. Its ids 0..255 are the bytes, in the order of
 # bytes_to_unicode below; 50,000 merges follow, then <|endoftext|> = 50256.
+
+GPT2_VOCAB_URL = "https://huggingface.co/openai-community/gpt2/resolve/main/"  # + vocab.json, merges.txt
+GPT2_FILES = [("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")]  # Hugging Face's names, OpenAI's
+
+
+def gpt2_tokenizer(source=""):
+    """GPT-2's tokenizer from `source`: a tiktoken rank file, or a folder with vocab.json + merges.txt or
+    encoder.json + vocab.bpe. Empty: vocab.json and merges.txt from Hugging Face, downloaded once to CACHE_DIR."""
+    hint = ("pass --gpt2_vocab=PATH: a local gpt2.tiktoken file, or a folder with vocab.json+merges.txt or "
+            "encoder.json+vocab.bpe")
+    if not source:
+        source = os.path.join(CACHE_DIR, "gpt2")
+        for name in GPT2_FILES[0]:
+            if not os.path.exists(os.path.join(source, name)):
+                print(f"downloading GPT-2's {name} from {GPT2_VOCAB_URL}", file=sys.stderr)
+                download(GPT2_VOCAB_URL + name, os.path.join(source, name), hint)
+    if os.path.isfile(source):
+        tok = gpt2_from_tiktoken(source)
+    elif os.path.isdir(source):
+        found = [names for names in GPT2_FILES if all(os.path.isfile(os.path.join(source, n)) for n in names)]
+        if not found:
+            raise SystemExit(f"error: {source} has neither vocab.json+merges.txt nor encoder.json+vocab.bpe; {hint}")
+        tok = gpt2_from_vocab_and_merges(*(os.path.join(source, n) for n in found[0]))
+    else:
+        raise SystemExit(f"error: --gpt2_vocab={source} not found; {hint}")
+
+    # a well-formed file may still hold another vocabulary: GPT-2's has 50,257 tokens and knows "Hello world"
+    if tok.vocab_size != 50257 or tok.encode("Hello world") != [15496, 995]:
+        raise SystemExit(f"error: {source} holds a BPE vocabulary, but not GPT-2's; {hint}")
+    return tok
+
 
 def bytes_to_unicode():
     """GPT-2's map from each byte to a printable character, used to write tokens in vocab.json and merges.txt:

@@ -1,24 +1,25 @@
 r"""
 train.py: train a GPT (gpt.py) on the token ids that prepare.py wrote.
 
-    python train.py                                   # a Shakespeare model in under 5 minutes on a CPU, then a sample
+    python train.py                                   # a Shakespeare model in minutes on a CPU, then a sample
     python train.py --n_layer=6 --n_head=6 --n_embd=384 --block_size=256 --dropout=0.2 --batch_size=64 \
         --learning_rate=1e-3 --max_iters=5000 --min_lr=1e-4 --eval_interval=250 --eval_iters=200  # on a GPU
     python train.py --init_from=resume                # continue the run in out_dir exactly where it stopped
     torchrun --standalone --nproc_per_node=8 train.py --gradient_accumulation_steps=8   # the same on 8 GPUs
 
-Reads data_dir/train.bin, val.bin and meta.json (preparing Tiny Shakespeare first if data_dir is a default one and
-empty). Writes to out_dir: config.json (the resolved settings), last.pt (at every evaluation, at the end, and on
-Ctrl-C) and best.pt (whenever the val loss improves). Settings are the globals below: override them as
---key=value or with a config file of `key = value` lines (see configurator.py).
+Reads data_dir/train.bin, val.bin and meta.json (preparing them first if data_dir is a default one and empty).
+Writes to out_dir: config.json (the resolved settings), last.pt (at every evaluation, at the end, and on Ctrl-C)
+and best.pt (whenever the val loss improves). Settings are the globals below: override them as --key=value or
+with a config file of `key = value` lines (see configurator.py). The functions read the settings from there;
+everything else they need comes in as arguments.
+
+The run, in the order of main(): settings -> processes and device -> data -> model -> precision and optimizer ->
+the loop (evaluate and save, step, log) -> the end (a sample).
 """
 
-import functools
 import json
 import math
 import os
-import random
-import re
 import signal
 import sys
 import time
@@ -29,10 +30,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import bench
 import configurator
 import tokenizer as tokenizers
-from gpt import GPT2_SIZES, GPT, GPTConfig, load_checkpoint, model_from_checkpoint
-from prepare import write_atomically
+from files import write_atomically
+from gpt import GPT2_SIZES, GPT, GPTConfig
+from checkpoint import from_pretrained, load_checkpoint, model_from_checkpoint, rng_state, set_rng_state
 
 # -----------------------------------------------------------------------------
 # where from, where to
@@ -40,9 +43,8 @@ data_dir = "data/char"  # prepared data: train.bin, val.bin, meta.json
 out_dir = "out"  # checkpoints and config.json
 init_from = "scratch"  # 'scratch', 'resume' (continue out_dir/last.pt), or fine-tune GPT-2: 'gpt2', 'gpt2-medium',
 #                        'gpt2-large', 'gpt2-xl' or a folder with a GPT-2's config.json and model.safetensors
-# the model (when resuming or fine-tuning, the checkpoint's shape is used; block_size may crop GPT-2's 1024)
-# The shape is the best of a sweep for 5 minutes on a 2-core CPU: in a fixed time, a small model taking many
-# small steps beats a bigger one taking few (README, "Speed"). max_iters leaves room for slower CPUs.
+# the model (when resuming or fine-tuning, the checkpoint's shape is used; block_size may crop GPT-2's 1024).
+# In a few minutes on a CPU, a small model taking many small steps beats a bigger one taking few (docs/speed.md)
 n_layer = 6  # transformer blocks: depth
 n_head = 4  # attention heads per block
 n_embd = 64  # width of the residual stream; cost grows with its square
@@ -54,7 +56,7 @@ batch_size = 16  # sequences per micro-step (per process under torchrun)
 gradient_accumulation_steps = 1  # micro-steps per optimizer step, counted over all processes
 # AdamW with linear warmup and cosine decay
 learning_rate = 5e-3  # peak learning rate; small models take large steps
-max_iters = 4000  # optimizer steps in the whole run (7500 fill 5 minutes on a fast 2-core CPU: val 1.578)
+max_iters = 4000  # optimizer steps in the whole run; more steps, lower loss, longer wait
 lr_decay_iters = 0  # steps over which the lr decays to min_lr; 0: max_iters (kept when a resume adds steps)
 warmup_iters = 100  # steps of linear warmup from 0 to learning_rate
 min_lr = 1e-4  # the lr at the end of the decay
@@ -76,83 +78,93 @@ seed = 1337  # same seed and settings on a CPU: the same run, step for step
 
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias")
 DEFAULT_DATA = {os.path.join("data", t): t for t in ("char", "bpe", "gpt2")}  # data train.py may prepare itself
-GPU_PEAK_FLOPS = {  # dense bf16/fp16 tensor-core peaks from the vendors' datasheets, FLOP/s; first match wins
-    "H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
-    "A10": 125e12, "V100": 125e12, "T4": 65e12,
-}
+
+# processes: torchrun starts one per device and tells each where it stands; a plain `python train.py` is one
+DDP = "RANK" in os.environ
+RANK, LOCAL_RANK, WORLD_SIZE = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+MASTER = RANK == 0  # only this process prints and writes checkpoints
 
 
-def load_data(split, vocab_size, expected_tokens):
-    """A split's token ids as a read-only memmap, checked against meta.json."""
-    path = os.path.join(data_dir, f"{split}.bin")
-    size = os.path.getsize(path) if os.path.isfile(path) else 0
-    if size % 2 or size // 2 != expected_tokens:
-        raise SystemExit(f"error: {path} has {size} bytes but meta.json says {expected_tokens} uint16 tokens "
-                         f"(truncated or corrupted?); run prepare.py again")
-    data = np.memmap(path, dtype=np.uint16, mode="r")
-    if data.max() >= vocab_size:
-        raise SystemExit(f"error: {path} holds token id {data.max()} >= vocab_size {vocab_size}; run prepare.py again")
-    if len(data) <= block_size:
-        raise SystemExit(f"error: {path} has {len(data)} tokens, too few for --block_size={block_size}; "
-                         f"use a smaller --block_size or more text")
-    return data
-
-
-def batch(data, offsets, device):
-    """Inputs and next-token targets, both (B, T), from windows of block_size + 1 tokens starting at `offsets`."""
-    window = torch.from_numpy(data[offsets[:, None] + np.arange(block_size + 1)].astype(np.int64))  # (B, T + 1)
-    x, y = window[:, :-1], window[:, 1:]
-    if device.startswith("cuda"):  # pinned memory lets the copy overlap with compute
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
-
-
-def get_lr(it):
-    """Linear warmup to learning_rate, then cosine decay to min_lr over lr_decay_iters, then min_lr."""
-    if it < warmup_iters:
-        return learning_rate * (it + 1) / (warmup_iters + 1)
-    progress = min(1.0, (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters))
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
-
-
-@functools.cache
-def cpu_matmul_flops(dtype):
-    """FLOP/s of a 1024x1024 matmul in `dtype` on this CPU, measured in a few milliseconds."""
-    a = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0)).to(dtype)  # leaves torch's rng alone
-    a @ a  # warm up
-    t0 = time.perf_counter()
-    for _ in range(8):
-        a @ a
-    return 8 * 2 * 1024**3 / (time.perf_counter() - t0)
-
-
-def peak_flops(device_type, ptdtype):
-    """The device's peak FLOP/s in the training precision: a datasheet for GPUs, the matmul probe on a CPU."""
-    if device_type == "cuda":
-        name = torch.cuda.get_device_name()
-        peak = next((f for gpu, f in GPU_PEAK_FLOPS.items() if re.search(rf"\b{gpu}\b", name)), None)  # not A10G
-        return peak if ptdtype != torch.float32 else None  # fp32 / tf32 peaks are not in the table
-    return cpu_matmul_flops(ptdtype) if device_type == "cpu" else None
-
-
-def check_settings():
-    """Catch the settings that would otherwise fail with a traceback deep inside the run."""
-    least = dict(n_layer=1, n_head=1, n_embd=1, block_size=1, batch_size=1, gradient_accumulation_steps=1,
-                 eval_interval=1, eval_iters=1, log_interval=1, max_iters=0, warmup_iters=0, lr_decay_iters=0,
-                 learning_rate=0, min_lr=0, weight_decay=0, grad_clip=0, sample_length=0)
-    for key, lowest in least.items():
-        if globals()[key] < lowest:
-            raise SystemExit(f"error: --{key}={globals()[key]} must be at least {lowest}")
-    if n_embd % n_head:
-        raise SystemExit(f"error: --n_embd={n_embd} must be a multiple of --n_head={n_head}")
-    if not 0 <= dropout < 1:
-        raise SystemExit(f"error: --dropout={dropout} must be in [0, 1)")
-    if min_lr > learning_rate:
-        raise SystemExit(f"error: --min_lr={min_lr} is above --learning_rate={learning_rate}; the lr decays to "
-                         f"min_lr, so give a smaller one")
+def log(*args, **kwargs):
+    if MASTER:
+        print(*args, **kwargs)
 
 
 def main(args):
+    ckpt = configure(args)
+    dev = start_processes()
+    try:
+        train(ckpt, dev)
+        if DDP:
+            dist.barrier()  # finish together: a process that tears down while another still works can crash it
+    finally:
+        if DDP:
+            dist.destroy_process_group()
+
+
+def train(ckpt, dev):
+    """The run, once the settings and processes are in place."""
+    # data and model
+    meta, data = load_dataset()
+    torch.manual_seed(seed + RANK)  # dropout differs per process; DDP copies process 0's initial weights to all
+    model = build_model(ckpt, meta, dev)
+
+    # precision and optimizer, and where a resumed run left them
+    device_type, precision = dev.split(":")[0], resolve_precision(model, dev)
+    autocast = nullcontext() if precision == "float32" else torch.autocast(device_type, getattr(torch, precision))
+    scaler = torch.amp.GradScaler(device_type, enabled=precision == "float16")
+    optimizer = make_optimizer(model, device_type)
+    data_rng = torch.Generator().manual_seed(seed)  # draws every batch: the same in all processes
+    iter_num, best_val_loss = restore(ckpt, optimizer, scaler, data_rng) if ckpt else (0, float("inf"))
+
+    # compiled, and wrapped for several processes; raw_model stays the plain module that checkpoints save
+    raw_model = model
+    if compile:
+        model = torch.compile(model)
+    if DDP:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev] if device_type == "cuda" else None)
+    write_settings(dev)
+
+    # the loop: evaluate and save every eval_interval steps, then one optimizer step, with a progress line
+    progress = Progress(raw_model, dev, iter_num)
+    with StopRequests() as stop:
+        while True:
+            if iter_num % eval_interval == 0 or iter_num == max_iters:
+                losses = evaluate(raw_model, data, autocast, dev)  # not through DDP's hooks or a recompile
+                if not all(map(math.isfinite, losses.values())):
+                    raise SystemExit(f"error: the {'val' if math.isfinite(losses['train']) else 'train'} loss is "
+                                     f"not finite at step {iter_num}; stopped without saving these weights")
+                improved, best_val_loss = losses["val"] < best_val_loss, min(best_val_loss, losses["val"])
+                log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+                    f"{' (best)' if improved else ''}, {progress.elapsed():.1f} s", flush=True)
+                save(["last.pt", "best.pt"] if improved else ["last.pt"], raw_model, optimizer, scaler, data_rng,
+                     meta, iter_num, best_val_loss)
+                progress.restart(iter_num)  # leave evaluation out of the step timing
+            if iter_num >= max_iters:
+                break
+            loss = step(model, optimizer, scaler, autocast, data["train"], data_rng, iter_num, dev, stop)
+            iter_num += 1
+            if iter_num % log_interval == 0:
+                progress.log(iter_num, loss, get_lr(iter_num - 1))
+            if stop:
+                save(["last.pt"], raw_model, optimizer, scaler, data_rng, meta, iter_num, best_val_loss)
+                log(f"saved {out_dir}/last.pt at step {iter_num}; continue with --init_from=resume")
+                raise SystemExit(130)
+
+    # the end: how long it took, and a sample of what the model learned
+    log(f"done: {iter_num} steps in {progress.elapsed():.1f} s, best val loss {best_val_loss:.4f}, "
+        f"{bench.peak_memory(device_type)}", flush=True)
+    if MASTER and sample_length > 0:
+        print_sample(raw_model, meta)
+
+
+# -----------------------------------------------------------------------------
+# settings, processes, data, model, precision, optimizer
+
+
+def configure(args):
+    """Apply the flags to the settings above (for --init_from=resume, on top of the run's own settings), check
+    them, and return the checkpoint to resume from, or None."""
     overridden = configurator.configure(globals(), args)
     ckpt = None
     if init_from == "resume":  # the run continues with its saved settings; flags given now (--max_iters) win
@@ -173,277 +185,298 @@ def main(args):
     if lr_decay_iters == 0:  # fixed now and saved: resuming with a larger --max_iters goes on at min_lr
         globals()["lr_decay_iters"] = max_iters
     check_settings()
-    settings = {k: globals()[k] for k in configurator.setting_names(globals())}
+    return ckpt
 
-    # processes and devices: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE for each process it starts
-    ddp = "RANK" in os.environ
-    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
+
+def check_settings():
+    """Catch the settings that would otherwise fail with a traceback deep inside the run."""
+    least = dict(n_layer=1, n_head=1, n_embd=1, block_size=1, batch_size=1, gradient_accumulation_steps=1,
+                 eval_interval=1, eval_iters=1, log_interval=1, max_iters=0, warmup_iters=0, lr_decay_iters=0,
+                 learning_rate=0, min_lr=0, weight_decay=0, grad_clip=0, sample_length=0)
+    for key, lowest in least.items():
+        if globals()[key] < lowest:
+            raise SystemExit(f"error: --{key}={globals()[key]} must be at least {lowest}")
+    if n_embd % n_head:
+        raise SystemExit(f"error: --n_embd={n_embd} must be a multiple of --n_head={n_head}")
+    if not 0 <= dropout < 1:
+        raise SystemExit(f"error: --dropout={dropout} must be in [0, 1)")
+    if min_lr > learning_rate:
+        raise SystemExit(f"error: --min_lr={min_lr} is above --learning_rate={learning_rate}; the lr decays to "
+                         f"min_lr, so give a smaller one")
+    if gradient_accumulation_steps % WORLD_SIZE:
+        raise SystemExit(f"error: --gradient_accumulation_steps={gradient_accumulation_steps} is the total over "
+                         f"{WORLD_SIZE} processes and must be a multiple of {WORLD_SIZE}")
+
+
+def start_processes():
+    """The device this process trains on; under torchrun, one GPU per process and a process group."""
     dev = configurator.pick_device(device)
-    if ddp and dev.startswith("cuda"):
-        if local_rank >= torch.cuda.device_count():
+    if DDP and dev.startswith("cuda"):
+        if LOCAL_RANK >= torch.cuda.device_count():
             raise SystemExit(f"error: torchrun started more processes than this machine has GPUs "
                              f"({torch.cuda.device_count()}); use --nproc_per_node={torch.cuda.device_count()}")
-        dev = configurator.pick_device(f"cuda:{local_rank}")  # one GPU per process
-    if ddp:
+        dev = configurator.pick_device(f"cuda:{LOCAL_RANK}")
+    if DDP:
         dist.init_process_group("nccl" if dev.startswith("cuda") else "gloo")
-    try:
-        train(settings, ckpt, ddp, rank, local_rank, world, dev)
-        if ddp:
-            dist.barrier()  # finish together: a process that tears down while another still works can crash it
-    finally:
-        if ddp:
-            dist.destroy_process_group()
+    return dev
 
 
-def train(settings, ckpt, ddp, rank, local_rank, world, dev):
-    master = rank == 0  # only this process prints and writes checkpoints
-    log = print if master else (lambda *a, **k: None)
-    device_type = dev.split(":")[0]
-    if gradient_accumulation_steps % world:
-        raise SystemExit(f"error: --gradient_accumulation_steps={gradient_accumulation_steps} is the total over "
-                         f"{world} processes and must be a multiple of {world}")
-    accum = gradient_accumulation_steps // world  # micro-steps in this process
-
-    # data: prepared by prepare.py, or prepared now if data_dir is a default one and empty
+def load_dataset():
+    """meta.json and both splits of data_dir, prepared first if data_dir is a default one and empty."""
     meta_path = os.path.join(data_dir, "meta.json")
     if not os.path.exists(meta_path) and data_dir not in DEFAULT_DATA:
         raise SystemExit(f"error: no prepared data in {data_dir}; run python prepare.py --data_dir={data_dir}")
-    if not os.path.exists(meta_path) and local_rank == 0:  # one process per machine prepares it
+    if not os.path.exists(meta_path) and LOCAL_RANK == 0:  # one process per machine prepares it
         import prepare
+
         prepare.prepare(tokenizer=DEFAULT_DATA[data_dir], data_dir=data_dir)
-    if ddp:
+    if DDP:
         dist.barrier()  # every process, whether or not it found the data: the others wait for it
     with open(meta_path, encoding="utf-8") as f:
         meta = json.load(f)
-    vocab_size = meta["vocab_size"]
-    data = {s: load_data(s, vocab_size, meta[f"{s}_tokens"]) for s in ("train", "val")}
+    return meta, {s: load_split(s, meta["vocab_size"], meta[f"{s}_tokens"]) for s in ("train", "val")}
 
-    # the model
-    torch.manual_seed(seed + rank)  # dropout differs per process; DDP copies process 0's initial weights to all
+
+def load_split(split, vocab_size, expected_tokens):
+    """A split's token ids as a read-only memmap, checked against meta.json."""
+    path = os.path.join(data_dir, f"{split}.bin")
+    size = os.path.getsize(path) if os.path.isfile(path) else 0
+    if size % 2 or size // 2 != expected_tokens:
+        raise SystemExit(f"error: {path} has {size} bytes but meta.json says {expected_tokens} uint16 tokens "
+                         f"(truncated or corrupted?); run prepare.py again")
+    data = np.memmap(path, dtype=np.uint16, mode="r")
+    if data.max() >= vocab_size:
+        raise SystemExit(f"error: {path} holds token id {data.max()} >= vocab_size {vocab_size}; run prepare.py again")
+    if len(data) <= block_size:
+        raise SystemExit(f"error: {path} has {len(data)} tokens, too few for --block_size={block_size}; "
+                         f"use a smaller --block_size or more text")
+    return data
+
+
+def build_model(ckpt, meta, dev):
+    """A new GPT, the resumed one, or GPT-2 to fine-tune; its shape is recorded in the settings."""
     if ckpt:
         if ckpt["tokenizer"] != meta["tokenizer"]:
             raise SystemExit(f"error: the data in {data_dir} was tokenized differently from the checkpoint in "
                              f"{out_dir}; pass the --data_dir the run was trained on")
         model = model_from_checkpoint(ckpt, os.path.join(out_dir, "last.pt"))
     elif init_from == "scratch":
-        model = GPT(GPTConfig(vocab_size=vocab_size, **{k: settings[k] for k in MODEL_KEYS}))
+        model = GPT(GPTConfig(vocab_size=meta["vocab_size"], **{k: globals()[k] for k in MODEL_KEYS}))
     else:  # fine-tuning GPT-2: the shape comes with the weights
-        model = GPT.from_pretrained(init_from, dropout=dropout)
-        if model.config.vocab_size != vocab_size:
+        model = from_pretrained(init_from, dropout=dropout)
+        if model.config.vocab_size != meta["vocab_size"]:
             raise SystemExit(f"error: {init_from} has a vocabulary of {model.config.vocab_size} but the data in "
-                             f"{data_dir} has {vocab_size}; use --data_dir=data/gpt2 (prepared on first use) or "
-                             f"data that python prepare.py --tokenizer=gpt2 wrote")
+                             f"{data_dir} has {meta['vocab_size']}; use --data_dir=data/gpt2 (prepared on first "
+                             f"use) or data that python prepare.py --tokenizer=gpt2 wrote")
         if block_size > model.config.block_size:
             raise SystemExit(f"error: --block_size={block_size} is longer than {init_from}'s "
                              f"{model.config.block_size} positions")
         model.crop_block_size(block_size)
-    settings.update({k: getattr(model.config, k) for k in MODEL_KEYS})  # what was built, for config.json
-    model.to(dev)
+    globals().update({k: getattr(model.config, k) for k in MODEL_KEYS})  # what was built, for config.json
+    return model.to(dev)
 
-    # precision: bf16 autocast where it is fast, fp16 + loss scaling on GPUs without bf16, fp32 otherwise.
-    # On a CPU bf16 pays only on chips with bf16 units and for wide models (measured here: no gain at n_embd
-    # 128-192, 1.8x at 256, 2.4x at 384), so auto takes it there when a bf16 matmul beats fp32 by half again.
-    wide = dtype == "auto" and device_type == "cpu" and model.config.n_embd >= 256
-    fast = wide and cpu_matmul_flops(torch.bfloat16) > 1.5 * cpu_matmul_flops(torch.float32)
-    precision = configurator.pick_dtype(dtype, dev, default="bfloat16" if fast else "float32")
-    ptdtype = getattr(torch, precision)
-    autocast = nullcontext() if precision == "float32" else torch.autocast(device_type, dtype=ptdtype)
-    scaler = torch.amp.GradScaler(device_type, enabled=precision == "float16")
-    if device_type == "cuda":
+
+def resolve_precision(model, dev):
+    """The dtype setting, with 'auto' resolved: bf16 autocast where it is fast, fp16 + loss scaling on GPUs
+    without bf16, fp32 otherwise. A CPU gains from bf16 only with bf16 matrix units and only for wide models, so
+    'auto' takes it there when the model is at least 256 wide and a bf16 matmul beats fp32 by half again."""
+    wide = dtype == "auto" and dev == "cpu" and model.config.n_embd >= 256
+    fast = wide and bench.cpu_matmul_flops(torch.bfloat16) > 1.5 * bench.cpu_matmul_flops(torch.float32)
+    if dev.startswith("cuda"):
         torch.set_float32_matmul_precision("high")  # the fp32 matmuls autocast leaves may use TF32 tensor cores
+    globals()["dtype"] = configurator.pick_dtype(dtype, dev, default="bfloat16" if fast else "float32")
+    return dtype
 
-    # AdamW: weight decay on matrices and embeddings (dim >= 2), none on biases and LayerNorm gains
+
+def write_settings(dev):
+    """out_dir/config.json: every setting as this run resolved it, and where it runs."""
+    if MASTER:
+        os.makedirs(out_dir, exist_ok=True)
+        text = json.dumps(dict(current_settings(), device=dev, world_size=WORLD_SIZE), indent=2)
+        write_atomically(os.path.join(out_dir, "config.json"), lambda f: f.write(text.encode("utf-8")))
+
+
+def current_settings():
+    return {k: globals()[k] for k in configurator.setting_names(globals())}
+
+
+def make_optimizer(model, device_type):
+    """AdamW with weight decay on matrices and embeddings (dim >= 2), none on biases and LayerNorm gains."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    fused = device_type in ("cuda", "cpu")  # one kernel for the whole update (on CPU since torch 2.4): faster
-    optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2), fused=fused)
+    fused = device_type in ("cuda", "cpu")  # one kernel for the whole update
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2), fused=fused)
 
-    # random state: one generator draws every batch (the same in all processes, which take disjoint parts)
-    data_rng = torch.Generator().manual_seed(seed)
-    iter_num, best_val_loss = 0, float("inf")
-    if ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])  # its moments, and the hyperparameters it was saved with:
-        for group, decay in zip(optimizer.param_groups, (weight_decay, 0.0)):  # those given now win
-            group.update(weight_decay=decay, betas=(beta1, beta2))
-        if ckpt["scaler"]:  # empty unless the run used float16
-            scaler.load_state_dict(ckpt["scaler"])
-        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
-        set_rng_state(ckpt["rng"], data_rng, rank)
-        ckpt.clear()  # free the loaded tensors before training
 
-    raw_model = model  # the plain module: what gets saved, without _orig_mod. or module. prefixes
-    if compile:
-        model = torch.compile(model)
-    if ddp:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev] if device_type == "cuda" else None)
+def save(names, model, optimizer, scaler, data_rng, meta, iter_num, best_val_loss):
+    """Write everything needed to rebuild the model and continue the run exactly to out_dir/name, for each name.
+    Every process takes part (each one's random state is gathered); only one writes."""
+    state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                 model_config=asdict(model.config), precision=dtype, tokenizer=meta["tokenizer"],
+                 config=current_settings(), iter_num=iter_num, best_val_loss=best_val_loss, rng=rng_state(data_rng))
+    for name in names if MASTER else ():
+        write_atomically(os.path.join(out_dir, name), lambda f: torch.save(state, f))
 
-    if master:
-        os.makedirs(out_dir, exist_ok=True)
-        resolved = dict(settings, device=dev, dtype=precision, world_size=world)
-        text = json.dumps(resolved, indent=2).encode("utf-8")
-        write_atomically(os.path.join(out_dir, "config.json"), lambda f: f.write(text))
 
-    # evaluation: the same evenly spaced windows every time, shared out between the processes
-    @torch.no_grad()
-    def evaluate():
-        model.eval()
-        losses = {}
-        for split in ("train", "val"):
-            n = min(eval_iters * batch_size, len(data[split]) - block_size)
-            starts = np.linspace(0, len(data[split]) - block_size - 1, n).astype(np.int64)[rank::world]
-            total = torch.zeros(2, device=dev)  # (sum of losses, number of windows)
-            for i in range(0, len(starts), batch_size):
-                x, y = batch(data[split], starts[i : i + batch_size], dev)
-                with autocast:
-                    _, loss = raw_model(x, y)  # not through DDP's hooks or a recompile for a new shape
-                total += torch.stack([loss.float() * len(x), torch.tensor(len(x), device=dev)])
-            if ddp:
-                dist.all_reduce(total)
-            losses[split] = (total[0] / total[1]).item()
-        model.train()
-        return losses
+def restore(ckpt, optimizer, scaler, data_rng):
+    """Put the optimizer, the grad scaler and every random state back where the checkpoint left them; return
+    (iter_num, best_val_loss)."""
+    optimizer.load_state_dict(ckpt["optimizer"])  # its moments, and the hyperparameters it was saved with:
+    for group, decay in zip(optimizer.param_groups, (weight_decay, 0.0)):  # those given now win
+        group.update(weight_decay=decay, betas=(beta1, beta2))
+    if ckpt["scaler"]:  # empty unless the run used float16
+        scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"], data_rng, RANK)
+    iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+    ckpt.clear()  # free the loaded tensors before training
+    return iter_num, best_val_loss
 
-    def save(names):
-        """Write everything needed to rebuild the model and continue the run exactly to out_dir/name for each
-        name. Every process takes part (the rng states are gathered); only the master writes."""
-        state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                     model_config=asdict(raw_model.config), precision=precision, tokenizer=meta["tokenizer"],
-                     config=settings, iter_num=iter_num, best_val_loss=best_val_loss, rng=rng_state(data_rng, ddp))
-        for name in names if master else ():
-            write_atomically(os.path.join(out_dir, name), lambda f: torch.save(state, f))
 
-    # Ctrl-C (or SIGTERM) asks to stop after the current step and save; a second Ctrl-C quits at once
-    stop = []
+# -----------------------------------------------------------------------------
+# the loop: batches, the learning rate, one step, evaluation
 
-    def on_signal(signum, frame):
-        if stop:
+
+def batch(data, offsets, device):
+    """Inputs and next-token targets, both (B, T), from windows of block_size + 1 tokens starting at `offsets`."""
+    window = torch.from_numpy(data[offsets[:, None] + np.arange(block_size + 1)].astype(np.int64))  # (B, T + 1)
+    x, y = window[:, :-1], window[:, 1:]
+    if device.startswith("cuda"):  # pinned memory lets the copy overlap with compute
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+def get_lr(it):
+    """Linear warmup to learning_rate, then cosine decay to min_lr over lr_decay_iters, then min_lr."""
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    progress = min(1.0, (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters))
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
+
+
+def step(model, optimizer, scaler, autocast, train_data, data_rng, it, dev, stop):
+    """Optimizer step `it` over gradient_accumulation_steps micro-batches; returns the mean loss (a tensor).
+    The step's windows are drawn for all processes at once, and process r takes every WORLD_SIZE-th micro-batch."""
+    for group in optimizer.param_groups:
+        group["lr"] = get_lr(it)
+    starts = torch.randint(len(train_data) - block_size, (gradient_accumulation_steps, batch_size),
+                           generator=data_rng).numpy()
+    accum = gradient_accumulation_steps // WORLD_SIZE  # micro-steps in this process
+    loss_sum = torch.zeros((), device=dev)
+    for micro in range(accum):
+        x, y = batch(train_data, starts[micro * WORLD_SIZE + RANK], dev)
+        sync = not DDP or micro == accum - 1  # DDP averages the gradients over processes on the last one only
+        with nullcontext() if sync else model.no_sync(), autocast:
+            _, loss = model(x, y)
+            loss = loss / accum  # the mean over micro-steps
+        scaler.scale(loss).backward()
+        loss_sum += loss.detach()
+
+    # stop together: on a signal in any process, or on a non-finite loss (before it reaches the weights)
+    flags = torch.tensor([len(stop.signals), 0 if torch.isfinite(loss_sum) else 1], device=dev)
+    if DDP:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    if flags[0]:
+        stop.signals.append("another process")
+    if flags[1]:
+        raise SystemExit(f"error: the loss became {loss_sum.item()} at step {it}; stopped without saving, so "
+                         f"{out_dir}/last.pt keeps the last good weights; try a lower --learning_rate or check the data")
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum
+
+
+@torch.no_grad()
+def evaluate(model, data, autocast, dev):
+    """The mean loss of each split over the same evenly spaced windows every time, shared out between processes."""
+    model.eval()
+    losses = {}
+    for split in ("train", "val"):
+        n = min(eval_iters * batch_size, len(data[split]) - block_size)
+        starts = np.linspace(0, len(data[split]) - block_size - 1, n).astype(np.int64)[RANK::WORLD_SIZE]
+        total = torch.zeros(2, device=dev)  # (sum of losses, number of windows)
+        for i in range(0, len(starts), batch_size):
+            x, y = batch(data[split], starts[i : i + batch_size], dev)
+            with autocast:
+                _, loss = model(x, y)
+            total += torch.stack([loss.float() * len(x), torch.tensor(len(x), device=dev)])
+        if DDP:
+            dist.all_reduce(total)
+        losses[split] = (total[0] / total[1]).item()
+    model.train()
+    return losses
+
+
+class StopRequests:
+    """Ctrl-C (or SIGTERM) asks the loop to stop after the current step and save; a second Ctrl-C quits at once.
+    True once asked; the old handlers come back when the loop ends."""
+
+    def __enter__(self):
+        self.signals = []
+        self.old = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def on_signal(self, signum, frame):
+        if self.signals:
             print("\ninterrupted again: quitting without saving", file=sys.stderr)
             os._exit(130)
-        stop.append(signum)
+        self.signals.append(signum)
         log(f"\ninterrupted: saving {out_dir}/last.pt after this step (Ctrl-C again to quit at once)", file=sys.stderr)
 
-    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    def __bool__(self):
+        return bool(self.signals)
 
-    # the loop
-    n_params, c = raw_model.num_params(), raw_model.config
-    flops_per_token = 6 * raw_model.num_params(non_embedding=True) + 6 * c.n_layer * c.n_embd * c.block_size
-    peak = peak_flops(device_type, ptdtype)
-    tokens_per_iter = batch_size * gradient_accumulation_steps * block_size
-    log(f"{n_params / 1e6:.2f}M parameters on {dev} ({precision}, {world} process{'es' * (world > 1)}), "
-        f"{tokens_per_iter:,} tokens per step")
-    t_start = t0 = time.perf_counter()
-    t0_iter = iter_num
+    def __exit__(self, *exc):
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+
+
+class Progress:
+    """Times the steps between progress lines (evaluations left out), and prints loss, lr, speed and MFU: the
+    model's FLOPs per second over the device's peak (see bench.py)."""
+
+    def __init__(self, model, dev, iter_num):
+        self.tokens_per_iter = batch_size * gradient_accumulation_steps * block_size
+        self.flops_per_iter = bench.flops_per_token(model) * self.tokens_per_iter
+        self.peak = bench.peak_flops(dev.split(":")[0], getattr(torch, dtype))
+        log(f"{model.num_params() / 1e6:.2f}M parameters on {dev} ({dtype}, {WORLD_SIZE} process"
+            f"{'es' * (WORLD_SIZE > 1)}), {self.tokens_per_iter:,} tokens per step")
+        self.t_start = time.perf_counter()
+        self.restart(iter_num)
+
+    def elapsed(self):
+        return time.perf_counter() - self.t_start
+
+    def restart(self, iter_num):
+        self.t0, self.iter0 = time.perf_counter(), iter_num
+
+    def log(self, iter_num, loss, lr):
+        if DDP:  # the mean over all processes' batches, as one process would report it
+            dist.all_reduce(loss)
+            loss /= WORLD_SIZE
+        dt = (time.perf_counter() - self.t0) / max(1, iter_num - self.iter0)  # per step since the last line
+        mfu = f"{self.flops_per_iter / dt / self.peak / WORLD_SIZE:.1%}" if self.peak else "n/a"
+        log(f"iter {iter_num}: loss {loss.item():.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
+            f"{self.tokens_per_iter / dt:,.0f} tok/s, mfu {mfu}", flush=True)
+        self.restart(iter_num)
+
+
+def print_sample(model, meta):
+    """sample_length tokens of text from the trained model, starting from a newline (or the first character)."""
+    from generate import sample_text, use_slab_products
+
+    tok = tokenizers.from_dict(meta["tokenizer"])
+    start = tok.chars[0] if isinstance(tok, tokenizers.CharTokenizer) else "\n"  # sorted: "\n" if there is one
+    log("-" * 40 + " a sample " + "-" * 40)
+    use_slab_products(model)
     try:
-        while True:
-            if iter_num % eval_interval == 0 or iter_num == max_iters:
-                losses = evaluate()
-                if not all(map(math.isfinite, losses.values())):
-                    raise SystemExit(f"error: the {'val' if math.isfinite(losses['train']) else 'train'} loss is "
-                                     f"not finite at step {iter_num}; stopped without saving these weights")
-                improved = losses["val"] < best_val_loss
-                best_val_loss = min(best_val_loss, losses["val"])
-                log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
-                    f"{' (best)' if improved else ''}, {time.perf_counter() - t_start:.1f} s", flush=True)
-                save(["last.pt", "best.pt"] if improved else ["last.pt"])
-                t0, t0_iter = time.perf_counter(), iter_num  # leave evaluation out of the step timing
-            if iter_num >= max_iters:
-                break
-
-            lr = get_lr(iter_num)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            # this step's windows, drawn for all processes at once: process r takes every world-th micro-batch
-            starts = torch.randint(len(data["train"]) - block_size, (gradient_accumulation_steps, batch_size),
-                                   generator=data_rng).numpy()
-            loss_sum = torch.zeros((), device=dev)
-            for micro in range(accum):
-                x, y = batch(data["train"], starts[micro * world + rank], dev)
-                last_micro = micro == accum - 1
-                with model.no_sync() if ddp and not last_micro else nullcontext(), autocast:
-                    _, loss = model(x, y)
-                    loss = loss / accum  # the mean over micro-steps (DDP averages over processes)
-                scaler.scale(loss).backward()
-                loss_sum += loss.detach()
-
-            # stop together: on a signal in any process, or on a non-finite loss (before it reaches the weights)
-            flags = torch.tensor([len(stop), 0 if torch.isfinite(loss_sum) else 1], device=dev)
-            if ddp:
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            if flags[1]:
-                raise SystemExit(f"error: the loss became {loss_sum.item()} at step {iter_num}; stopped without "
-                                 f"saving, so {out_dir}/last.pt keeps the last good weights; try a lower "
-                                 f"--learning_rate or check the data")
-            if grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            iter_num += 1
-
-            if iter_num % log_interval == 0:
-                if ddp:  # the mean over all processes' batches, as one process would report it
-                    dist.all_reduce(loss_sum)
-                    loss_sum /= world
-                dt = (time.perf_counter() - t0) / max(1, iter_num - t0_iter)  # over the steps since the last line
-                mfu = f"{flops_per_token * tokens_per_iter / dt / peak / world:.1%}" if peak else "n/a"
-                log(f"iter {iter_num}: loss {loss_sum.item():.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
-                    f"{tokens_per_iter / dt:,.0f} tok/s, mfu {mfu}", flush=True)
-                t0, t0_iter = time.perf_counter(), iter_num
-            if flags[0]:
-                save(["last.pt"])
-                log(f"saved {out_dir}/last.pt at step {iter_num}; continue with --init_from=resume")
-                raise SystemExit(130)
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
-
-    if device_type == "cuda":
-        memory = f"{torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB on the GPU"
-    elif sys.platform != "win32":  # the peak resident memory of this process: KiB on Linux, bytes on macOS
-        import resource
-
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
-        memory = f"{rss:,.0f} MiB peak RSS"
-    else:
-        memory = "peak memory n/a"
-    log(f"done: {iter_num} steps in {time.perf_counter() - t_start:.1f} s, best val loss {best_val_loss:.4f}, "
-        f"{memory}", flush=True)
-    if master and sample_length > 0:
-        from generate import sample_text
-
-        tok = tokenizers.from_dict(meta["tokenizer"])
-        start = tok.chars[0] if isinstance(tok, tokenizers.CharTokenizer) else "\n"  # sorted: "\n" if there is one
-        log("-" * 40 + " a sample " + "-" * 40)
-        try:
-            sample_text(raw_model, tok, start, sample_length, seed=seed)
-        except KeyboardInterrupt:  # the checkpoints are already written
-            raise SystemExit(130)
-
-
-def rng_state(data_rng, ddp):
-    """Every random state a step can touch, as tensors and plain values, so that a resumed run draws the same
-    numbers as an unbroken one. Dropout differs per process, so under DDP every process's torch state is kept."""
-    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.empty(0, dtype=torch.uint8)
-    states = [(torch.get_rng_state(), cuda)]
-    if ddp:
-        states = [None] * dist.get_world_size()
-        dist.all_gather_object(states, (torch.get_rng_state(), cuda))
-    _, keys, *rest = np.random.get_state()  # ('MT19937', 624 uint32 keys, position, gauss flag, gauss)
-    return {"python": list(random.getstate()[1]), "numpy": [torch.from_numpy(keys.astype(np.int64)), *rest],
-            "torch": [s[0] for s in states], "cuda": [s[1] for s in states], "data": data_rng.get_state()}
-
-
-def set_rng_state(state, data_rng, rank):
-    random.setstate((3, tuple(state["python"]), None))
-    keys, *rest = state["numpy"]
-    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), *rest))
-    r = rank if rank < len(state["torch"]) else 0  # resuming on more processes than saved: reuse the first
-    torch.set_rng_state(state["torch"][r])
-    if torch.cuda.is_available() and state["cuda"][r].numel():
-        torch.cuda.set_rng_state(state["cuda"][r])
-    data_rng.set_state(state["data"])
+        sample_text(model, tok, start, sample_length, seed=seed)
+    except KeyboardInterrupt:  # the checkpoints are already written
+        raise SystemExit(130)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import prepare
+import tokenizer
 from conftest import GPT2_TIKTOKEN, one_error_line, random_gpt2, run_script, shared_file, write_vocab_and_merges
 
 
@@ -16,13 +17,13 @@ def gpt2_folder(tmp_path_factory):
     model = random_gpt2(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257)
     folder = tmp_path_factory.mktemp("gpt2-random")
     model.save_pretrained(folder, safe_serialization=True)
-    write_vocab_and_merges(prepare.gpt2_tokenizer(shared_file(GPT2_TIKTOKEN)), folder)
+    write_vocab_and_merges(tokenizer.gpt2_tokenizer(shared_file(GPT2_TIKTOKEN)), folder)
     return model, folder
 
 
 def test_generate_from_a_gpt2_folder_gives_transformers_greedy_text(gpt2_folder, tmp_path):
     hf, folder = gpt2_folder
-    tok = prepare.gpt2_tokenizer(str(folder))
+    tok = tokenizer.gpt2_tokenizer(str(folder))
     prompt = "Hello, I'm a language model,"
     ids = tok.encode(prompt)
     expected = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, pad_token_id=0)[0, len(ids) :]

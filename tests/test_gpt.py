@@ -1,10 +1,9 @@
-import functools
 import math
 
 import pytest
 import torch
 
-from gpt import GPT2_SIZES, GPT, GPTConfig, parameter_table
+from gpt import GPT2_SIZES, GPT, CausalSelfAttention, GPTConfig, parameter_table
 
 
 def tiny(**kw):
@@ -87,61 +86,52 @@ def test_dropout_is_active_in_training_and_off_in_eval():
     assert torch.equal(model(x)[0], model(x)[0])
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3])
-def test_the_cpu_path_for_one_token_computes_what_nn_linear_computes(monkeypatch, threads):
-    import gpt
+def written_out(model, fast=False):
+    for module in model.modules():
+        if isinstance(module, CausalSelfAttention):
+            module.fast = fast
+    return model
 
-    slab_products = []
-    real_bmm = torch.bmm
-    monkeypatch.setattr(torch, "bmm", lambda *a: slab_products.append(a) or real_bmm(*a))
-    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    monkeypatch.setattr(gpt, "slabs_pay", functools.cache(gpt.slabs_pay.__wrapped__))  # a fresh, empty cache
+
+@pytest.mark.parametrize("prompt_len", [1, 7, 16])
+def test_the_written_out_attention_equals_the_fused_kernel_with_and_without_the_cache(prompt_len):
     torch.manual_seed(0)
-    for out, inn, bias in [(1536, 384, True), (1001, 512, False), (50257, 64, False)]:  # 1001, 50257: ragged slabs
-        layer = gpt.Linear(inn, out, bias=bias)
-        for shape in [(1, 1, inn), (4, 1, inn), (2, 2, inn), (inn,)]:
-            x = torch.randn(shape)
-            reference = torch.nn.functional.linear(x, layer.weight.detach(), layer.bias)
-            with torch.inference_mode():
-                layer(x)  # the first use times the two products
-                slab_products.clear()
-                chosen = layer(x)  # whichever was faster here
-                took_slabs = bool(slab_products)
-                slabs = gpt.slab_linear(x, layer.weight, layer.bias)
-            assert took_slabs == gpt.slabs_pay(threads) and slab_products
-            assert slabs.shape == chosen.shape == reference.shape
-            torch.testing.assert_close(slabs, reference, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(chosen, reference, rtol=1e-5, atol=1e-5)
-            slab_products.clear()
-        with torch.inference_mode():  # more rows: the usual path
-            layer(torch.randn(8, inn))
-        assert not slab_products
-        layer(torch.randn(1, inn)).sum().backward()  # training: the usual path, with gradients
-        assert not slab_products and layer.weight.grad is not None
-    assert gpt.slabs_pay.cache_info().misses == 1  # timed once per number of threads, not per weight
+    model = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=4, n_embd=32)).eval()
+    with torch.no_grad():  # biases start at zero, where a wrong mask or scale could hide less well
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.1)
+    idx = torch.randint(0, 50, (3, 16))
+    with torch.no_grad():
+        fast = model(idx)[0]
+        slow = written_out(model)(idx)[0]
+        torch.testing.assert_close(slow, fast, rtol=1e-5, atol=1e-5)
+        # with the cache: the prompt in one pass, then one token at a time up to the block, both ways
+        for use_fast in (True, False):
+            written_out(model, use_fast)
+            cache = model.new_cache(3)
+            steps = [model(idx[:, :prompt_len], cache=cache)[0]]
+            steps += [model(idx[:, t : t + 1], cache=cache)[0] for t in range(prompt_len, 16)]
+            torch.testing.assert_close(torch.cat(steps, dim=1), fast, rtol=1e-5, atol=1e-5)
 
 
-def test_the_one_token_path_takes_whichever_product_was_faster(monkeypatch):
-    import gpt
+def test_the_written_out_attention_keeps_weights_that_are_causal_and_sum_to_one():
+    model = written_out(tiny().eval())
+    with torch.no_grad():
+        model(torch.randint(0, 50, (2, 16)))
+    for block in model.transformer.h:
+        weights = block.attn.weights  # (B, nh, T, T)
+        assert weights.shape == (2, 2, 16, 16)
+        torch.testing.assert_close(weights.sum(-1), torch.ones(2, 2, 16))
+        assert torch.all(weights.triu(diagonal=1) == 0) and torch.all(weights.diagonal(dim1=-2, dim2=-1) > 0)
 
-    layer = gpt.Linear(384, 1536)
-    x = torch.randn(1, 384)
-    for slow, expect_slabs in (("bmm", False), ("linear", True)):
-        monkeypatch.setattr(gpt, "slabs_pay", functools.cache(gpt.slabs_pay.__wrapped__))  # not timed yet
-        used = []
-        for name, module in (("bmm", torch), ("linear", torch.nn.functional)):
-            real = getattr(module, name)
-            monkeypatch.setattr(module, name, lambda *a, real=real, name=name: used.append(name) or real(*a))
 
-        def fake_repeat(stmt, number, repeat):  # a clock on which the `slow` product takes a second, no real timing
-            used.clear()
-            stmt()
-            return [1.0 if slow in used else 0.001] * repeat
-
-        monkeypatch.setattr(gpt.timeit, "repeat", fake_repeat)
-        with torch.inference_mode():
-            layer(x)  # the first call times both
-            used.clear()
-            layer(x)
-        assert used == (["bmm"] if expect_slabs else ["linear"])
-        monkeypatch.undo()
+def test_the_written_out_attention_trains_like_the_fused_kernel():
+    x, y = torch.randint(0, 50, (4, 16)), torch.randint(0, 50, (4, 16))
+    grads = []
+    for fast in (True, False):
+        model = written_out(tiny(), fast)
+        model(x, y)[1].backward()
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

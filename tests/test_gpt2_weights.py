@@ -1,4 +1,4 @@
-"""GPT.from_pretrained and read_safetensors, checked against the transformers library's GPT-2 and the safetensors
+"""checkpoint.from_pretrained and read_safetensors, checked against the transformers library's GPT-2 and the safetensors
 format. Everything runs offline on tiny random models: the network is never touched."""
 
 import json
@@ -8,11 +8,11 @@ import shutil
 import pytest
 import torch
 
+import checkpoint
 import gpt
+from checkpoint import from_pretrained, read_safetensors
 from conftest import oracle, random_gpt2
-import prepare
 from generate import generate
-from gpt import GPT, read_safetensors
 
 SAFETENSORS_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -71,7 +71,7 @@ def greedy(model, prompt, n):
 
 def test_logits_match_transformers_gpt2_within_1e_5(hf):
     reference, folder = hf
-    model = GPT.from_pretrained(str(folder)).eval()
+    model = from_pretrained(str(folder)).eval()
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert model.lm_head.weight is model.transformer.wte.weight
     idx = torch.randint(0, 100, (3, 32))
@@ -83,7 +83,7 @@ def test_logits_match_transformers_gpt2_within_1e_5(hf):
 
 def test_greedy_generation_matches_transformers_token_for_token(hf):
     reference, folder = hf
-    model = GPT.from_pretrained(str(folder)).eval()
+    model = from_pretrained(str(folder)).eval()
     prompt = torch.randint(0, 100, (2, 6))
     expected = reference.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                                   max_new_tokens=26, pad_token_id=0)[:, 6:]  # 6 + 26 = n_positions
@@ -93,7 +93,7 @@ def test_greedy_generation_matches_transformers_token_for_token(hf):
 
 def test_generation_past_n_positions_completes(hf):
     _, folder = hf
-    model = GPT.from_pretrained(str(folder)).eval()
+    model = from_pretrained(str(folder)).eval()
     prompt = torch.randint(0, 100, (2, 6))
     tokens = greedy(model, prompt, 80)  # 86 positions for a model that holds 32
     assert tokens.shape == (2, 80) and torch.equal(tokens[:, :26], greedy(model, prompt, 26))
@@ -103,7 +103,7 @@ def test_half_precision_weights_load_as_the_same_numbers_in_float32(tmp_path):
     for dtype in (torch.float16, torch.bfloat16):
         reference = random_gpt2(**TINY).to(dtype)
         reference.save_pretrained(tmp_path / str(dtype), safe_serialization=True)
-        model = GPT.from_pretrained(str(tmp_path / str(dtype)))
+        model = from_pretrained(str(tmp_path / str(dtype)))
         assert model.transformer.wte.weight.dtype == torch.float32
         assert torch.equal(model.transformer.wte.weight, reference.transformer.wte.weight.float())
         c_fc = reference.transformer.h[1].mlp.c_fc.weight  # Conv1D: (in, out)
@@ -115,7 +115,7 @@ def test_a_sharded_folder_loads_the_same_model(hf, tmp_path):
     reference.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="100KB")
     assert (tmp_path / "model.safetensors.index.json").exists() and not (tmp_path / "model.safetensors").exists()
     idx = torch.randint(0, 100, (1, 32))
-    sharded, single = GPT.from_pretrained(str(tmp_path)), GPT.from_pretrained(str(folder))
+    sharded, single = from_pretrained(str(tmp_path)), from_pretrained(str(folder))
     assert torch.equal(sharded(idx)[0], single(idx)[0])
 
 
@@ -133,10 +133,10 @@ def test_a_hub_name_downloads_once_into_the_cache_and_then_reads_it(tmp_path, mo
         os.makedirs(os.path.dirname(path), exist_ok=True)
         write_safetensors(path, hub)
 
-    monkeypatch.setattr(prepare, "CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(prepare, "download", download)
+    monkeypatch.setattr(checkpoint, "CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(checkpoint, "download", download)
     monkeypatch.setitem(gpt.GPT2_SIZES, "gpt2", dict(n_layer=1, n_head=2, n_embd=8))  # a tiny stand-in
-    first, second = GPT.from_pretrained("gpt2"), GPT.from_pretrained("gpt2")
+    first, second = from_pretrained("gpt2"), from_pretrained("gpt2")
     assert downloads == [("https://huggingface.co/openai-community/gpt2/resolve/main/model.safetensors",
                           str(tmp_path / "gpt2" / "model.safetensors"))]
     idx = torch.randint(0, 50257, (2, 40))
@@ -228,9 +228,9 @@ def test_a_hub_name_offline_with_an_empty_cache_names_the_url_and_the_folder_opt
     def offline(*args, **kwargs):
         raise requests.ConnectionError("no network")
 
-    monkeypatch.setattr(prepare, "CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(checkpoint, "CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(requests, "get", offline)
-    message = error_of(GPT.from_pretrained, "gpt2-medium")
+    message = error_of(from_pretrained, "gpt2-medium")
     url = "https://huggingface.co/openai-community/gpt2-medium/resolve/main/model.safetensors"
     assert f"could not download {url}" in message
     assert "--init_from=path/to/folder" in message
@@ -238,7 +238,7 @@ def test_a_hub_name_offline_with_an_empty_cache_names_the_url_and_the_folder_opt
 
 
 def test_an_unknown_name_lists_the_sizes(tmp_path):
-    message = error_of(GPT.from_pretrained, str(tmp_path / "gpt3"))
+    message = error_of(from_pretrained, str(tmp_path / "gpt3"))
     assert "is neither a GPT-2 size (gpt2, gpt2-medium, gpt2-large, gpt2-xl) nor a folder" in message
 
 
@@ -257,17 +257,17 @@ def test_a_config_this_gpt_cannot_represent_is_refused(hf, tmp_path, change, mes
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     shutil.copy(folder / "model.safetensors", tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text(json.dumps({**config, **change}), encoding="utf-8")
-    assert message in error_of(GPT.from_pretrained, str(tmp_path))
+    assert message in error_of(from_pretrained, str(tmp_path))
 
 
 def test_a_folder_without_safetensors_says_why_pickles_are_not_read(hf, tmp_path):
     _, folder = hf
     shutil.copy(folder / "config.json", tmp_path / "config.json")
     (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
-    message = error_of(GPT.from_pretrained, str(tmp_path))
+    message = error_of(from_pretrained, str(tmp_path))
     assert "no model.safetensors in" in message and "pickles, which can run arbitrary code" in message
     os.remove(tmp_path / "config.json")
-    assert "no config.json in" in error_of(GPT.from_pretrained, str(tmp_path))
+    assert "no config.json in" in error_of(from_pretrained, str(tmp_path))
 
 
 @pytest.mark.parametrize("how, message", [
@@ -289,4 +289,4 @@ def test_weights_that_do_not_fit_are_refused(hf, tmp_path, how, message):
     if how == "untied":
         tensors["lm_head.weight"] = tensors["transformer.wte.weight"] + 1
     folder_with(tmp_path, tensors, config)
-    assert message in error_of(GPT.from_pretrained, str(tmp_path))
+    assert message in error_of(from_pretrained, str(tmp_path))

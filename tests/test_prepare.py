@@ -4,6 +4,7 @@ import os
 import numpy as np
 import pytest
 
+import files
 import prepare
 from conftest import GPT2_TIKTOKEN, gpt2_reference, one_error_line, run_script, shared_file, small_text
 from tokenizer import ENDOFTEXT, CharTokenizer, from_dict
@@ -139,24 +140,24 @@ def test_download_fetches_the_file_and_checks_its_sha256(server, tmp_path):
     import hashlib
 
     path = tmp_path / "sub" / "file.bin"
-    prepare.download(server.url, str(path), "hint", hashlib.sha256(server.content).hexdigest())
+    files.download(server.url, str(path), "hint", hashlib.sha256(server.content).hexdigest())
     assert path.read_bytes() == server.content and not (tmp_path / "sub" / "file.bin.part").exists()
     with pytest.raises(SystemExit, match="sha256 mismatch\\); use a local copy"):
-        prepare.download(server.url, str(tmp_path / "other.bin"), "use a local copy", "0" * 64)
+        files.download(server.url, str(tmp_path / "other.bin"), "use a local copy", "0" * 64)
     assert not (tmp_path / "other.bin").exists() and not (tmp_path / "other.bin.part").exists()
 
 
 def test_an_interrupted_download_resumes_where_it_stopped(server, tmp_path):
     path = tmp_path / "file.bin"
     (tmp_path / "file.bin.part").write_bytes(server.content[:1_234_567])
-    prepare.download(server.url, str(path), "hint")
+    files.download(server.url, str(path), "hint")
     assert server.ranges == [1_234_567]  # only the rest was asked for
     assert path.read_bytes() == server.content
 
 
 def test_a_part_file_longer_than_the_file_starts_over(server, tmp_path):
     (tmp_path / "file.bin.part").write_bytes(server.content + b"junk")
-    prepare.download(server.url, str(tmp_path / "file.bin"), "hint")
+    files.download(server.url, str(tmp_path / "file.bin"), "hint")
     assert (tmp_path / "file.bin").read_bytes() == server.content
 
 
@@ -210,3 +211,12 @@ def test_uint16_holds_a_vocabulary_of_65536_and_not_one_more(tmp_path):
     (tmp_path / "big.txt").write_text("".join(chars[:65537]), encoding="utf-8")
     with pytest.raises(SystemExit, match="uint16 holds ids up to 65,535"):
         prepare.prepare(input=str(tmp_path / "big.txt"), data_dir=str(tmp_path / "data"))
+
+
+def test_tiny_shakespeare_comes_with_the_code_so_a_fresh_clone_needs_no_network():
+    import hashlib
+
+    from conftest import ROOT
+
+    with open(os.path.join(ROOT, prepare.DEFAULT_INPUT), "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == prepare.SHAKESPEARE_SHA256

@@ -20,11 +20,10 @@ TINY = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_
 
 @pytest.fixture
 def script(monkeypatch, corpus):
-    """Run a script's main() in this process, in the corpus folder, with its settings fresh from the file."""
+    """Run a script's main() in this process, in the corpus folder (main() starts from the file's settings)."""
     monkeypatch.chdir(corpus)
 
     def run(name, *args):
-        sys.modules.pop(name, None)  # the settings are module globals that main() changes: start clean
         return importlib.import_module(name).main(list(args))
 
     return run
@@ -88,19 +87,19 @@ def test_every_random_state_survives_a_checkpoint_round_trip(tmp_path):
     import io
     import random
 
-    import train
+    import checkpoint
 
     data_rng = torch.Generator().manual_seed(3)
     random.seed(1), np.random.seed(2), torch.manual_seed(4)
     buffer = io.BytesIO()
-    torch.save(train.rng_state(data_rng, ddp=False), buffer)
+    torch.save(checkpoint.rng_state(data_rng), buffer)
 
     def draw():
         return random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=data_rng).item()
 
     first = draw()
     buffer.seek(0)
-    train.set_rng_state(torch.load(buffer, weights_only=True), data_rng, rank=0)
+    checkpoint.set_rng_state(torch.load(buffer, weights_only=True), data_rng, rank=0)
     assert draw() == first
 
 

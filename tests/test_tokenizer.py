@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-import prepare
+import tokenizer
 from conftest import (GPT2_TIKTOKEN, SHAKESPEARE, gpt2_reference, oracle, shared_file, small_text,
                       write_vocab_and_merges)
 from tokenizer import ENDOFTEXT, GPT2_PATTERN, BPETokenizer, bytes_to_unicode, compile_pattern, from_dict
@@ -70,32 +70,6 @@ def test_vocab_size_counts_bytes_merges_and_specials(bpe):
     assert len(bpe.vocab) == bpe.vocab_size
 
 
-def naive_merge(ids, pair, new_id):
-    out = []
-    for x in ids:  # new_id is never pair[0], so a merged pair cannot merge again
-        if out and (out[-1], x) == pair:
-            out[-1] = new_id
-        else:
-            out.append(x)
-    return out
-
-
-def naive_train(text, vocab_size):
-    """The obvious BPE: recount every pair over the whole corpus before every merge (slow, plainly right)."""
-    regex = oracle("regex")  # an independent engine for the pre-split, with real \p{L} and \p{N}
-    chunks = [chunk for part in text.split(ENDOFTEXT) for chunk in regex.findall(GPT2_PATTERN, part)]
-    words = [list(chunk.encode("utf-8")) for chunk in chunks]
-    merges = []
-    while len(merges) < vocab_size - 257:
-        counts = Counter(pair for ids in words for pair in zip(ids, ids[1:]))
-        if not counts:
-            break
-        pair = min(counts, key=lambda p: (-counts[p], p))  # the most frequent; ties: the smallest pair
-        words = [naive_merge(ids, pair, 256 + len(merges)) for ids in words]
-        merges.append(pair)
-    return merges
-
-
 def random_corpus(seed, n_words=600):
     rng = random.Random(seed)
     letters = "aabcdeé日🙂" if seed % 2 else "ab"  # a tiny alphabet: many ties
@@ -104,9 +78,23 @@ def random_corpus(seed, n_words=600):
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_training_matches_a_naive_reference_merge_for_merge(seed):
+def test_training_matches_the_naive_trainer_merge_for_merge(seed):
     text = random_corpus(seed)
-    assert BPETokenizer.train(text, vocab_size=357).merges == naive_train(text, vocab_size=357)
+    assert BPETokenizer.train(text, vocab_size=357).merges == BPETokenizer.train_naive(text, vocab_size=357).merges
+
+
+def test_the_naive_trainer_is_bpe_over_the_chunks_an_independent_regex_engine_finds():
+    regex = oracle("regex")  # real \p{L} and \p{N}, as GPT2_PATTERN was written for
+    text = random_corpus(1)
+    chunks = [chunk for part in text.split(ENDOFTEXT) for chunk in regex.findall(GPT2_PATTERN, part)]
+    assert tokenizer.chunks_of(text) == chunks
+    merges = BPETokenizer.train_naive(text, vocab_size=300).merges
+    words = [list(chunk.encode("utf-8")) for chunk in chunks]
+    for new_id, pair in enumerate(merges, 256):  # each merge is the most frequent pair at its turn (ties: smallest)
+        counts = Counter(p for ids in words for p in zip(ids, ids[1:]))
+        assert pair == min(counts, key=lambda p: (-counts[p], p))
+        words = [tokenizer.merge(ids, pair, new_id) for ids in words]
+    assert len(merges) == 300 - 257
 
 
 def test_ties_go_to_the_smallest_pair():
@@ -178,7 +166,7 @@ def tiktoken_gpt2():
 
 @pytest.fixture(scope="module")
 def gpt2():
-    return prepare.gpt2_tokenizer(shared_file(GPT2_TIKTOKEN))
+    return tokenizer.gpt2_tokenizer(shared_file(GPT2_TIKTOKEN))
 
 
 GPT2_TEXTS = [
@@ -245,7 +233,7 @@ def test_gpt2_loads_alike_from_tiktoken_vocab_json_and_encoder_json(gpt2, tmp_pa
     assert ranks == tiktoken.load.load_tiktoken_bpe(GPT2_TIKTOKEN)
 
     for folder in (tmp_path, tmp_path / "hf"):
-        assert prepare.gpt2_tokenizer(str(folder)).to_dict() == gpt2.to_dict()
+        assert tokenizer.gpt2_tokenizer(str(folder)).to_dict() == gpt2.to_dict()
 
 
 def test_gpt2_vocabulary_is_downloaded_once_into_the_cache(gpt2, tmp_path, monkeypatch):
@@ -259,11 +247,11 @@ def test_gpt2_vocabulary_is_downloaded_once_into_the_cache(gpt2, tmp_path, monke
         os.makedirs(os.path.dirname(path), exist_ok=True)
         shutil.copy(published / os.path.basename(path), path)
 
-    monkeypatch.setattr(prepare, "CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(prepare, "download", download)
+    monkeypatch.setattr(tokenizer, "CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(tokenizer, "download", download)
     for _ in range(2):
-        assert prepare.gpt2_tokenizer().to_dict() == gpt2.to_dict()
-    assert fetched == [prepare.GPT2_URL + "vocab.json", prepare.GPT2_URL + "merges.txt"]
+        assert tokenizer.gpt2_tokenizer().to_dict() == gpt2.to_dict()
+    assert fetched == [tokenizer.GPT2_VOCAB_URL + "vocab.json", tokenizer.GPT2_VOCAB_URL + "merges.txt"]
 
 
 def test_gpt2_download_offline_says_how_to_use_a_local_file(tmp_path, monkeypatch):
@@ -272,11 +260,11 @@ def test_gpt2_download_offline_says_how_to_use_a_local_file(tmp_path, monkeypatc
     def offline(*args, **kwargs):
         raise requests.ConnectionError("no network")
 
-    monkeypatch.setattr(prepare, "CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tokenizer, "CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(requests, "get", offline)
     with pytest.raises(SystemExit, match=r"could not download https://huggingface.co/openai-community/gpt2/"
                                          r"resolve/main/vocab.json \(ConnectionError\); pass --gpt2_vocab=PATH"):
-        prepare.gpt2_tokenizer()
+        tokenizer.gpt2_tokenizer()
 
 
 def rank_file(tokens):
@@ -310,4 +298,4 @@ def test_bad_gpt2_vocabulary_sources_are_one_clear_line(tmp_path, source, messag
         for name, content in source.items():
             (bad / name).write_text(content, encoding="utf-8")
     with pytest.raises(SystemExit, match=message):
-        prepare.gpt2_tokenizer(str(bad))
+        tokenizer.gpt2_tokenizer(str(bad))

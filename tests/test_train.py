@@ -67,26 +67,26 @@ def test_best_checkpoint_never_records_a_worse_val_loss(corpus):
                                         ("NVIDIA A100-SXM4-40GB", 312e12), ("NVIDIA H200", 989e12),
                                         ("NVIDIA A10G", None), ("NVIDIA L40", None), ("Some Future GPU", None)])
 def test_mfu_uses_the_datasheet_peak_of_the_gpu_in_use_or_none(monkeypatch, name, peak):
-    import train
+    import bench
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
-    assert train.peak_flops("cuda", torch.bfloat16) == peak
-    assert train.peak_flops("cuda", torch.float32) is None  # no fp32 peaks in the table: n/a, not a guess
+    assert bench.peak_flops("cuda", torch.bfloat16) == peak
+    assert bench.peak_flops("cuda", torch.float32) is None  # no fp32 peaks in the table: n/a, not a guess
 
 
 def test_mfu_on_cpu_is_measured_against_a_matmul_probe():
-    import train
+    import bench
 
-    assert 1e9 < train.peak_flops("cpu", torch.float32) < 1e14
-    assert train.peak_flops("mps", torch.float32) is None
+    assert 1e9 < bench.peak_flops("cpu", torch.float32) < 1e14
+    assert bench.peak_flops("mps", torch.float32) is None
 
 
 def test_auto_precision_on_cpu_takes_bf16_only_for_wide_models_where_it_is_faster(corpus):
-    import train
+    import bench
 
     args = ["--device=cpu", "--n_layer=1", "--n_head=4", "--block_size=16", "--batch_size=2", "--max_iters=1",
             "--eval_iters=1", "--sample_length=0"]
-    bf16_pays = train.cpu_matmul_flops(torch.bfloat16) > 1.5 * train.cpu_matmul_flops(torch.float32)
+    bf16_pays = bench.cpu_matmul_flops(torch.bfloat16) > 1.5 * bench.cpu_matmul_flops(torch.float32)
     for width, expected in ((128, "float32"), (256, "bfloat16" if bf16_pays else "float32")):
         result = run_script("train.py", *args, f"--n_embd={width}", f"--out_dir=out{width}", cwd=corpus)
         assert result.returncode == 0, result.stderr

@@ -1,0 +1,288 @@
+"""
+checkpoint.py: models in files: the checkpoints train.py writes, and GPT-2's published weights.
+
+    model, tok = load_model("out/best.pt")    # a train.py checkpoint: weights, shape and tokenizer in one file
+    model, tok = load_model("gpt2")           # OpenAI's GPT-2 124M, downloaded once (or a save_pretrained folder)
+    model = from_pretrained("gpt2-medium")    # GPT-2's weights as a GPT, without the tokenizer
+
+A train.py checkpoint is a plain dict of tensors and Python values: the model's weights and shape, the
+tokenizer, the optimizer's state, the settings, and every random state (rng_state), so a run can continue
+exactly. Nothing here runs code from a file: checkpoints load with torch.load(weights_only=True), and GPT-2's
+weights are read from Hugging Face's model.safetensors, a format that holds only tensors (parsed here, without
+the safetensors package). The model itself is gpt.py; used by train.py and generate.py.
+"""
+
+import json
+import math
+import mmap
+import os
+import pickle
+import random
+import sys
+import zipfile
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import tokenizer as tokenizers
+from files import CACHE_DIR, download
+from gpt import GPT2_SIZES, GPT, GPTConfig
+
+
+def load_model(init_from):
+    """The model and its tokenizer: from a train.py checkpoint, or GPT-2's published weights (a size or a folder)."""
+    if init_from in GPT2_SIZES or os.path.isdir(init_from):
+        has_vocab = os.path.isfile(os.path.join(init_from, "vocab.json"))  # beside the weights, or downloaded once
+        return from_pretrained(init_from), tokenizers.gpt2_tokenizer(init_from if has_vocab else "")
+    ckpt = load_checkpoint(init_from)
+    return model_from_checkpoint(ckpt, init_from), tokenizers.from_dict(ckpt["tokenizer"])
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: plain dicts of tensors and Python literals, readable with torch.load(weights_only=True)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a checkpoint written by train.py without running any pickled code; one-line errors otherwise."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: no checkpoint at {path}; train one with `python train.py` or pass its path")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a cut-off one loses its directory
+        raise SystemExit(f"error: {path} is not a readable checkpoint (truncated or corrupted?); "
+                         f"use another one, such as best.pt beside last.pt")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise SystemExit(f"error: refusing to load {path}: it holds pickled Python objects, not just tensors "
+                         f"and plain values ({first[:120]}); only load checkpoints from sources you trust")
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise SystemExit(f"error: {path} is not a readable checkpoint (truncated or corrupted?): {str(e)[:120]}")
+    missing = [k for k in ("model", "model_config", "tokenizer") if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise SystemExit(f"error: {path} is not a gpt-from-scratch checkpoint (missing {', '.join(missing)})")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, path="the checkpoint"):
+    """Build the GPT a checkpoint describes and load its weights."""
+    try:
+        model = GPT(GPTConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, RuntimeError, AssertionError) as e:
+        raise SystemExit(f"error: {path} does not match its own model_config ({str(e).splitlines()[0][:160]})")
+    return model
+
+
+# -----------------------------------------------------------------------------
+# Random states: a resumed run draws the same numbers as an unbroken one
+
+
+def rng_state(data_rng):
+    """Every random state a training step can touch (Python, NumPy, torch, CUDA, and the batch sampler
+    `data_rng`), as tensors and plain values. Dropout differs per process, so under torchrun every process's
+    torch state is gathered: every process must call this."""
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.empty(0, dtype=torch.uint8)
+    states = [(torch.get_rng_state(), cuda)]
+    if dist.is_initialized():
+        states = [None] * dist.get_world_size()
+        dist.all_gather_object(states, (torch.get_rng_state(), cuda))
+    _, keys, *rest = np.random.get_state()  # ('MT19937', 624 uint32 keys, position, gauss flag, gauss)
+    return {"python": list(random.getstate()[1]), "numpy": [torch.from_numpy(keys.astype(np.int64)), *rest],
+            "torch": [s[0] for s in states], "cuda": [s[1] for s in states], "data": data_rng.get_state()}
+
+
+def set_rng_state(state, data_rng, rank=0):
+    """Put back what rng_state saved; process `rank` takes its own torch states."""
+    random.setstate((3, tuple(state["python"]), None))
+    keys, *rest = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), *rest))
+    r = rank if rank < len(state["torch"]) else 0  # resuming on more processes than saved: reuse the first
+    torch.set_rng_state(state["torch"][r])
+    if torch.cuda.is_available() and state["cuda"][r].numel():
+        torch.cuda.set_rng_state(state["cuda"][r])
+    data_rng.set_state(state["data"])
+
+
+# -----------------------------------------------------------------------------
+# GPT-2's pretrained weights: OpenAI's four sizes from Hugging Face's hub, or a folder save_pretrained wrote
+
+GPT2_URL = "https://huggingface.co/openai-community/{}/resolve/main/model.safetensors"
+
+
+def from_pretrained(name_or_folder, dropout=0.0):
+    """GPT-2's published weights by name ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl'), or those in a folder
+    that Hugging Face's save_pretrained wrote, as a float32 GPT on the CPU, giving the logits of the transformers
+    library's GPT-2."""
+    config, tensors, source = gpt2_checkpoint(name_or_folder)
+    with torch.device("meta"):  # shapes only: every weight comes from the file, so skip the random init
+        model = GPT(GPTConfig(**config, dropout=dropout))
+    model.to_empty(device="cpu")
+    model.lm_head.weight = model.transformer.wte.weight  # to_empty made the tied pair two tensors: tie again
+    model.load_state_dict(gpt2_state_dict(tensors, model, source))  # copies, converting fp16/bf16 to fp32
+    return model
+
+
+SAFETENSORS_DTYPES = {  # the format's dtype names (all little-endian, like every machine PyTorch runs on)
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def read_safetensors(path):
+    """The tensors in a .safetensors file, {name: tensor}, memory-mapped rather than read into memory.
+
+    The format is deliberately simple, and unlike a pickle it cannot run code: 8 bytes giving the header's length
+    n (little-endian), n bytes of JSON {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {}},
+    then the tensors' raw bytes, with begin and end counted from the end of the header."""
+
+    def bad(why):
+        return SystemExit(f"error: {path} is not a valid safetensors file ({why}); "
+                          f"delete it and download or save it again")
+
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if not 2 <= n <= min(size - 8, 100_000_000):  # the format's own limit on the header is 100 MB
+            raise bad(f"header length {n} does not fit a file of {size:,} bytes")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise bad(f"the header is not JSON: {e}")
+        buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # copy-on-write: the file is never changed
+    if not isinstance(header, dict):
+        raise bad("the header is not a JSON object")
+    header.pop("__metadata__", None)  # free-form strings, such as {"format": "pt"}
+    data_size = size - 8 - n
+    tensors = {}
+    for name, info in header.items():
+        try:
+            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            numel = math.prod(shape)
+            assert all(type(d) is int and d >= 0 for d in shape) and type(begin) is type(end) is int
+        except (KeyError, TypeError, ValueError, AssertionError):
+            raise bad(f"tensor {name!r} has a malformed entry {str(info)[:100]}")
+        if type(dtype) is not str or dtype not in SAFETENSORS_DTYPES:
+            raise bad(f"tensor {name!r} has dtype {str(dtype)[:20]}, not one of {', '.join(SAFETENSORS_DTYPES)}")
+        dtype = SAFETENSORS_DTYPES[dtype]
+        itemsize = dtype.itemsize
+        if not 0 <= begin <= end <= data_size:
+            raise bad(f"tensor {name!r} lies at bytes {begin}..{end} of a data section of {data_size:,} bytes: "
+                      f"truncated?")
+        if end - begin != numel * itemsize:
+            raise bad(f"tensor {name!r} has {end - begin} bytes, but {info['dtype']}{shape} needs {numel * itemsize}")
+        if numel == 0:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+            continue
+        raw = torch.frombuffer(buffer, dtype=torch.uint8, count=end - begin, offset=8 + n + begin)  # no copy
+        if (8 + n + begin) % itemsize:
+            raw = raw.clone()  # a misaligned tensor: copy it to memory where its numbers start on a boundary
+        tensors[name] = raw.view(dtype).view(shape)
+    return tensors
+
+
+def gpt2_config(folder):
+    """GPTConfig's fields from a Hugging Face config.json, refusing any GPT-2 variant this GPT cannot compute."""
+    path = os.path.join(folder, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+        shape = dict(n_layer=cfg.get("n_layer", 12), n_head=cfg.get("n_head", 12), n_embd=cfg.get("n_embd", 768),
+                     block_size=cfg.get("n_positions", 1024), vocab_size=cfg.get("vocab_size", 50257))
+    except FileNotFoundError:
+        raise SystemExit(f"error: no config.json in {folder}; put the config.json that came with the weights there")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise SystemExit(f"error: {path} is not a JSON object ({str(e)[:100]}); use the one save_pretrained wrote")
+    if not all(type(v) is int and v > 0 for v in shape.values()) or shape["n_embd"] % shape["n_head"]:
+        raise SystemExit(f"error: {path} gives an impossible shape {shape}; use the one save_pretrained wrote")
+    # each setting as GPT2Config defaults it when absent, and the values under which the two compute the same
+    for key, default, same in [
+        ("model_type", "gpt2", ["gpt2"]),
+        ("activation_function", "gelu_new", ["gelu_new", "gelu_pytorch_tanh"]),  # GELU's tanh approximation
+        ("layer_norm_epsilon", 1e-5, [1e-5]),
+        ("n_inner", None, [None, 4 * shape["n_embd"]]),  # the MLP's width
+        ("scale_attn_weights", True, [True]),
+        ("scale_attn_by_inverse_layer_idx", False, [False]),
+        ("reorder_and_upcast_attn", False, [False]),
+        ("add_cross_attention", False, [False]),
+        ("tie_word_embeddings", True, [True]),
+    ]:
+        if cfg.get(key, default) not in same:
+            raise SystemExit(f"error: {path} sets {key}={cfg[key]!r}, a GPT-2 variant this GPT cannot represent "
+                             f"exactly (it needs {' or '.join(map(json.dumps, same))}); use a standard GPT-2")
+    return shape
+
+
+def gpt2_checkpoint(name_or_folder):
+    """(GPTConfig fields, {name: tensor}, where they came from) for one of GPT2_SIZES, downloaded into
+    CACHE_DIR the first time, or for a folder holding config.json and model.safetensors."""
+    if name_or_folder in GPT2_SIZES:  # a folder with the same name can be passed as ./gpt2
+        name = name_or_folder
+        path = os.path.join(CACHE_DIR, name, "model.safetensors")
+        if not os.path.exists(path):
+            url = GPT2_URL.format(name)
+            print(f"downloading {name} from {url} to {path}", file=sys.stderr)
+            download(url, path, f"connect to the internet, or download model.safetensors and config.json "
+                                f"from https://huggingface.co/openai-community/{name} yourself and pass "
+                                f"the folder: --init_from=path/to/folder")
+        return dict(vocab_size=50257, block_size=1024, **GPT2_SIZES[name]), read_safetensors(path), path
+
+    folder = name_or_folder
+    if not os.path.isdir(folder):
+        raise SystemExit(f"error: {folder!r} is neither a GPT-2 size ({', '.join(GPT2_SIZES)}) nor a folder; pass "
+                         f"one of those sizes, or a folder with the config.json and model.safetensors of a GPT-2")
+    if any(os.path.isfile(os.path.join(folder, f)) for f in ("best.pt", "last.pt")):
+        raise SystemExit(f"error: {folder} is a train.py run, not a GPT-2; sample from it with python generate.py "
+                         f"--init_from={os.path.join(folder, 'best.pt')}, continue it with python train.py "
+                         f"--init_from=resume --out_dir={folder}")
+    config = gpt2_config(folder)
+    files = ["model.safetensors"]
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):  # a large model that save_pretrained split into shards
+        try:
+            with open(index, encoding="utf-8") as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise SystemExit(f"error: {index} does not map tensors to files ({str(e)[:100]}); save the model again")
+    if not all(os.path.isfile(os.path.join(folder, file)) for file in files):
+        raise SystemExit(f"error: no {' or '.join(files)} in {folder}; weights in .bin or .pt files are pickles, "
+                         f"which can run arbitrary code when loaded, so they are not read: convert them with "
+                         f"transformers' save_pretrained(folder, safe_serialization=True)")
+    tensors = {}
+    for file in files:
+        tensors.update(read_safetensors(os.path.join(folder, file)))
+    return config, tensors, folder
+
+
+def gpt2_state_dict(tensors, model, source):
+    """GPT-2's tensors under our names and in nn.Linear's layout, checked name by name and shape by shape
+    against `model`. The names already match, up to an optional `transformer.` prefix."""
+    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    state, lm_head = {}, None
+    for name, t in tensors.items():
+        if name.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # the causal mask kept as a buffer; is_causal=True does its job here
+        if name == "lm_head.weight":
+            lm_head = t  # the output layer, tied to wte: checked below
+            continue
+        key = name if name.startswith("transformer.") else "transformer." + name
+        state[key] = t.t() if key.endswith(conv1d) else t  # GPT-2's Conv1D stores (in, out); Linear is (out, in)
+
+    expected = {k: v.shape for k, v in model.state_dict().items() if k != "lm_head.weight"}
+
+    def first(names):
+        return ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "") or "none"
+
+    missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
+    if missing or unexpected:
+        raise SystemExit(f"error: {source} does not hold the tensors of a GPT-2 (missing: {first(missing)}; "
+                         f"unexpected: {first(unexpected)}); use the model.safetensors of a GPT2LMHeadModel")
+    for key, t in state.items():
+        if t.shape != expected[key] or not t.is_floating_point():
+            raise SystemExit(f"error: {source}: {key} is {str(t.dtype)[6:]}{list(t.shape)} where this model needs "
+                             f"float{list(expected[key])}; use the config.json that came with the weights")
+    if lm_head is not None and not torch.equal(lm_head, state["transformer.wte.weight"]):
+        raise SystemExit(f"error: {source} holds an lm_head.weight different from wte.weight; this GPT ties the two "
+                         f"tables, as GPT-2 does, so it cannot hold these weights")
+    return {**state, "lm_head.weight": state["transformer.wte.weight"]}
