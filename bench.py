@@ -4,6 +4,7 @@ bench.py: measure training and sampling speed the way a user meets it, and the s
     python bench.py                                           # train.py's defaults, once
     python bench.py --target_loss=1.88 --repeat=3 -- --max_iters=1000     # time-to-loss, median of 3 runs
     python bench.py --what=sample --n_layer=6 --n_head=6 --n_embd=384 --block_size=256 --max_new_tokens=500
+    python bench.py --what=tokenize --gpt2_vocab=gpt2.tiktoken    # BPE training and encoding speed
 
 Training (--what=train) launches the real `python train.py <everything after -->` and timestamps its output
 lines as they arrive, so process start-up, data loading, compilation and evaluation all count. It prints, per run
@@ -12,6 +13,9 @@ loss, tokens/s, ms/iter, MFU and peak memory, plus the val-loss-vs-seconds curve
 
 Sampling (--what=sample) times generate.generate() on a randomly initialised model of the given shape, with the
 key/value cache and without it (recomputing the whole context every step), and prints both speeds and their ratio.
+
+Tokenizing (--what=tokenize) times BPE training on input.txt, GPT-2's encoding of it, and the worst case for BPE:
+one long chunk with no spaces (20,000 random letters), each the best of --repeat runs (tiktoken too, if installed).
 
 At the bottom: the model FLOPs, device peaks and peak memory behind train.py's MFU and memory figures.
 """
@@ -40,6 +44,8 @@ max_new_tokens = 500  # enough tokens to outgrow the block and re-prefill at lea
 num_samples = 1  # sequences generated together in one batch
 dtype = "float32"  # the weights' precision for --what=sample: auto, float32, bfloat16 or float16
 device = "auto"
+# --what=tokenize: BPE trained on input.txt, and GPT-2's tokenizer (from this file or folder; empty: downloaded)
+gpt2_vocab = ""
 # -----------------------------------------------------------------------------
 
 GPU_PEAK_FLOPS = {  # dense bf16/fp16 tensor-core peaks from the vendors' datasheets, FLOP/s; first match wins
@@ -131,6 +137,42 @@ def bench_sample():
           f"{cached / uncached:.1f}x")
 
 
+def bench_tokenize():
+    import random
+
+    import tokenizer
+
+    text = open("input.txt", encoding="utf-8").read()
+    blob = "".join(random.Random(0).choices("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ", k=20_000))
+    gpt2 = tokenizer.gpt2_tokenizer(gpt2_vocab)
+    try:
+        import tiktoken.load  # for scale only: the Rust tokenizer GPT-2's ids are checked against
+
+        ranks = tiktoken.load.load_tiktoken_bpe(gpt2_vocab) if gpt2_vocab.endswith(".tiktoken") else None
+        fast = ranks and tiktoken.Encoding("gpt2", pat_str=tokenizer.GPT2_PATTERN, mergeable_ranks=ranks,
+                                           special_tokens={tokenizer.ENDOFTEXT: 50256})
+    except ImportError:
+        fast = None
+
+    def best(work):  # seconds, the best of `repeat` runs, each on a fresh tokenizer cache
+        times = []
+        for _ in range(repeat):
+            gpt2.cache.clear()
+            t0 = time.perf_counter()
+            work()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    mb = len(text.encode("utf-8")) / 1e6
+    print(f"input.txt: {mb:.2f} MB; {len(blob):,} random letters in one chunk")
+    print(f"  BPE training, vocab 4096:      {best(lambda: tokenizer.BPETokenizer.train(text, 4096)):8.2f} s")
+    print(f"  GPT-2 encoding input.txt:      {mb / best(lambda: gpt2.encode(text)):8.2f} MB/s")
+    print(f"  GPT-2 encoding the long chunk: {best(lambda: gpt2.encode(blob)):8.3f} s")
+    if fast:
+        print(f"  tiktoken, input.txt:           {mb / best(lambda: fast.encode(text)):8.2f} MB/s")
+        print(f"  tiktoken, the long chunk:      {best(lambda: fast.encode(blob)):8.3f} s")
+
+
 # -----------------------------------------------------------------------------
 # The figures train.py prints: model FLOPs against the device's peak (MFU), and peak memory
 
@@ -181,13 +223,25 @@ def peak_memory(device_type):
     return f"{rss:,.0f} MiB peak RSS"
 
 
+def check_settings():
+    configurator.check_at_least(globals(), dict(repeat=1, target_loss=0.0))
+    if what == "sample":
+        configurator.check_at_least(globals(), dict(n_layer=1, n_head=1, n_embd=1, block_size=1, vocab_size=1,
+                                                    max_new_tokens=1, num_samples=1))
+        if n_embd % n_head:
+            raise SystemExit(f"error: --n_embd={n_embd} must be a multiple of --n_head={n_head}")
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
     own, train_args = (args[: args.index("--")], args[args.index("--") + 1 :]) if "--" in args else (args, [])
     configurator.configure(globals(), own)
+    check_settings()
     if what == "train":
         bench_train(train_args)
     elif what == "sample":
         bench_sample()
+    elif what == "tokenize":
+        bench_tokenize()
     else:
-        raise SystemExit(f"error: --what={what} is unknown; use train or sample")
+        raise SystemExit(f"error: --what={what} is unknown; use train, sample or tokenize")

@@ -26,13 +26,20 @@ learning_rate = 1e-2  # a table this small can take a large step size
 seed = 1337  # the same seed gives the same batches, losses and sample; change it to see another run
 # -----------------------------------------------------------------------------
 
+if sys.argv[1:]:
+    sys.exit(f"error: bigram.py takes no settings ({sys.argv[1]}); edit the numbers at the top of the file and re-run")
 torch.manual_seed(seed)
 
 # the data: every character of the text becomes an integer
 if not os.path.exists("input.txt"):
     sys.exit("error: input.txt not found; run `python prepare.py` to download Tiny Shakespeare, or put a text file there")
-with open("input.txt", encoding="utf-8") as f:
-    text = f.read()
+try:
+    with open("input.txt", encoding="utf-8") as f:
+        text = f.read()
+except UnicodeDecodeError as e:
+    sys.exit(f"error: input.txt is not UTF-8 text (byte {e.start} is invalid); convert it to UTF-8 first")
+except OSError as e:
+    sys.exit(f"error: cannot read input.txt ({e.strerror}); put a UTF-8 text file there")
 chars = sorted(set(text))
 vocab_size = len(chars)
 stoi = {ch: i for i, ch in enumerate(chars)}
@@ -43,7 +50,7 @@ decode = lambda ids: "".join(itos[i] for i in ids)  # list of integers -> string
 data = torch.tensor(encode(text), dtype=torch.long)
 n = int(0.9 * len(data))  # the first 90% trains, the rest measures how well we generalise
 train_data, val_data = data[:n], data[n:]
-if len(val_data) <= block_size:
+if min(len(train_data), len(val_data)) <= block_size:
     sys.exit(f"error: input.txt is too short for block_size={block_size}; use a longer text")
 
 
@@ -112,6 +119,6 @@ for it in range(max_iters + 1):
     loss.backward()
     optimizer.step()
 
-# a sample, starting from a single newline character
-context = torch.tensor([encode("\n")], dtype=torch.long)
+# a sample, starting from token 0: the first character in sorted order (a newline, in Shakespeare)
+context = torch.zeros((1, 1), dtype=torch.long)
 print(decode(model.generate(context, max_new_tokens=500)[0].tolist()))

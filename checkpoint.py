@@ -18,6 +18,7 @@ import mmap
 import os
 import pickle
 import random
+import re
 import sys
 import zipfile
 
@@ -33,10 +34,19 @@ from gpt import GPT2_SIZES, GPT, GPTConfig
 def load_model(init_from):
     """The model and its tokenizer: from a train.py checkpoint, or GPT-2's published weights (a size or a folder)."""
     if init_from in GPT2_SIZES or os.path.isdir(init_from):
-        has_vocab = os.path.isfile(os.path.join(init_from, "vocab.json"))  # beside the weights, or downloaded once
-        return from_pretrained(init_from), tokenizers.gpt2_tokenizer(init_from if has_vocab else "")
-    ckpt = load_checkpoint(init_from)
-    return model_from_checkpoint(ckpt, init_from), tokenizers.from_dict(ckpt["tokenizer"])
+        model = from_pretrained(init_from)
+        has_vocab = os.path.isdir(init_from) and any(os.path.isfile(os.path.join(init_from, names[0]))
+                                                       for names in tokenizers.GPT2_FILES)
+        hint = (f"put GPT-2's vocab.json and merges.txt beside the weights in {init_from}" if os.path.isdir(init_from)
+                else "connect to the internet once, or pass --init_from=a folder holding the weights and vocabulary")
+        tok = tokenizers.gpt2_tokenizer(init_from if has_vocab else "", hint)
+    else:
+        ckpt = load_checkpoint(init_from)
+        model, tok = model_from_checkpoint(ckpt, init_from), tokenizers.from_dict(ckpt["tokenizer"])
+    if tok.vocab_size != model.config.vocab_size:  # ids the model has no embedding for, or never predicts
+        raise SystemExit(f"error: {init_from} holds a model with a vocabulary of {model.config.vocab_size} tokens "
+                         f"but a tokenizer of {tok.vocab_size}; use weights and a vocabulary that belong together")
+    return model, tok
 
 
 # -----------------------------------------------------------------------------
@@ -47,9 +57,15 @@ def load_checkpoint(path, map_location="cpu"):
     """Load a checkpoint written by train.py without running any pickled code; one-line errors otherwise."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: no checkpoint at {path}; train one with `python train.py` or pass its path")
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a cut-off one loses its directory
-        raise SystemExit(f"error: {path} is not a readable checkpoint (truncated or corrupted?); "
+    try:  # torch.save writes a zip archive, which keeps a CRC of every entry: check them all
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:  # a cut-off one, say
+        raise SystemExit(f"error: {path} is not a readable checkpoint (truncated or corrupted? {str(e)[:80]}); "
                          f"use another one, such as best.pt beside last.pt")
+    if damaged:
+        raise SystemExit(f"error: {path} is damaged: its entry {damaged} fails its CRC check; use another "
+                         f"checkpoint, such as best.pt beside last.pt")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -58,20 +74,29 @@ def load_checkpoint(path, map_location="cpu"):
                          f"and plain values ({first[:120]}); only load checkpoints from sources you trust")
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise SystemExit(f"error: {path} is not a readable checkpoint (truncated or corrupted?): {str(e)[:120]}")
-    missing = [k for k in ("model", "model_config", "tokenizer") if not isinstance(ckpt, dict) or k not in ckpt]
+    missing = [k for k in ("model", "model_config", "tokenizer")
+               if not isinstance(ckpt, dict) or not isinstance(ckpt.get(k), dict)]
     if missing:
-        raise SystemExit(f"error: {path} is not a gpt-from-scratch checkpoint (missing {', '.join(missing)})")
+        raise SystemExit(f"error: {path} is not a gpt-from-scratch checkpoint (missing {', '.join(missing)}); "
+                         f"pass a checkpoint that train.py wrote")
     return ckpt
 
 
 def model_from_checkpoint(ckpt, path="the checkpoint"):
-    """Build the GPT a checkpoint describes and load its weights."""
+    """Build the GPT a checkpoint describes and load its weights, refusing weights that are NaN or inf."""
     try:
         model = GPT(GPTConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
-    except (TypeError, RuntimeError, AssertionError) as e:
+    except (TypeError, ValueError, RuntimeError, AssertionError, ZeroDivisionError, OverflowError, MemoryError) as e:
         raise SystemExit(f"error: {path} does not match its own model_config ({str(e).splitlines()[0][:160]})")
+    check_finite(model, path)
     return model
+
+
+def check_finite(model, source):
+    bad = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    if bad:
+        raise SystemExit(f"error: {source} holds NaN or inf weights (in {bad}); use another checkpoint")
 
 
 # -----------------------------------------------------------------------------
@@ -120,6 +145,7 @@ def from_pretrained(name_or_folder, dropout=0.0):
     model.to_empty(device="cpu")
     model.lm_head.weight = model.transformer.wte.weight  # to_empty made the tied pair two tensors: tie again
     model.load_state_dict(gpt2_state_dict(tensors, model, source))  # copies, converting fp16/bf16 to fp32
+    check_finite(model, source)
     return model
 
 
@@ -237,22 +263,42 @@ def gpt2_checkpoint(name_or_folder):
                          f"--init_from={os.path.join(folder, 'best.pt')}, continue it with python train.py "
                          f"--init_from=resume --out_dir={folder}")
     config = gpt2_config(folder)
-    files = ["model.safetensors"]
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.exists(index):  # a large model that save_pretrained split into shards
-        try:
-            with open(index, encoding="utf-8") as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise SystemExit(f"error: {index} does not map tensors to files ({str(e)[:100]}); save the model again")
-    if not all(os.path.isfile(os.path.join(folder, file)) for file in files):
-        raise SystemExit(f"error: no {' or '.join(files)} in {folder}; weights in .bin or .pt files are pickles, "
-                         f"which can run arbitrary code when loaded, so they are not read: convert them with "
-                         f"transformers' save_pretrained(folder, safe_serialization=True)")
+    files = weight_files(folder)
     tensors = {}
     for file in files:
         tensors.update(read_safetensors(os.path.join(folder, file)))
     return config, tensors, folder
+
+
+def weight_files(folder):
+    """The safetensors files that hold a folder's weights: model.safetensors, or the shards its index lists, or
+    the same under a variant's name (save_pretrained(variant="fp16") writes model.fp16.safetensors)."""
+    names = set(os.listdir(folder))
+    indexes = sorted(n for n in names if re.fullmatch(r"model\.safetensors\.index(\.\w+)?\.json", n))
+    singles = sorted(n for n in names if re.fullmatch(r"model(\.\w+)?\.safetensors", n))  # not a shard
+    if "model.safetensors" in names:
+        return ["model.safetensors"]
+    if len(indexes) + len(singles) > 1:
+        raise SystemExit(f"error: {folder} holds its weights in more than one form ({', '.join(indexes + singles)}); "
+                         f"keep one of them there")
+    if singles:
+        return singles
+    if not indexes:
+        raise SystemExit(f"error: no model.safetensors in {folder}; weights in .bin or .pt files are pickles, which "
+                         f"can run arbitrary code when loaded, so they are not read: convert them with transformers' "
+                         f"save_pretrained(folder, safe_serialization=True)")
+    index = os.path.join(folder, indexes[0])  # a large model that save_pretrained split into shards
+    try:
+        with open(index, encoding="utf-8") as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise SystemExit(f"error: {index} does not map tensors to files ({str(e)[:100]}); save the model again")
+    missing = [file for file in files if file not in names]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise SystemExit(f"error: {index} lists {len(files)} shards, but {missing[0]}{more} is not in {folder}; "
+                         f"copy the missing shards there")
+    return files
 
 
 def gpt2_state_dict(tensors, model, source):

@@ -17,6 +17,7 @@ traceback: every user-facing error in this project is a `SystemExit("error: ..."
 
 import ast
 import difflib
+import math
 import os
 import sys
 
@@ -42,11 +43,26 @@ def check_type(key, value, default):
     if isinstance(default, bool) != isinstance(value, bool):  # bool is an int in Python: keep them apart
         raise SystemExit(f"error: --{key} must be {type(default).__name__} (like {default!r}), got {value!r}")
     if isinstance(default, float) and isinstance(value, int):
-        return float(value)  # --learning_rate=1 means 1.0
+        value = float(value) if abs(value) < 2**1000 else math.inf  # --learning_rate=1 means 1.0
     if type(value) is not type(default):
         raise SystemExit(f"error: --{key} must be {type(default).__name__} (like {default!r}), "
                          f"got {type(value).__name__} {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):  # 1e999 is a literal for inf
+        raise SystemExit(f"error: --{key}={value} must be a finite number")
     return value
+
+
+def check_at_least(settings, lowest):
+    """Exit with one line for the first setting below its lowest allowed value: lowest = {key: value}."""
+    for key, least in lowest.items():
+        if settings[key] < least:
+            raise SystemExit(f"error: --{key}={settings[key]} must be at least {least}")
+
+
+def check_seed(seed):
+    """torch's generators take seeds from 0 to 2**64 - 1; a negative one would wrap around silently."""
+    if not 0 <= seed < 2**63:  # room for train.py's seed + rank
+        raise SystemExit(f"error: --seed={seed} must be between 0 and 2**63 - 1")
 
 
 def unknown_key_error(key, known):

@@ -43,7 +43,8 @@ dtype = "auto"  # the weights' precision: 'auto' (bf16 or fp16 on a GPU, fp32 el
 
 def next_token_probs(logits, temperature=1.0, top_k=0, top_p=1.0):
     """Logits (B, V) -> the distribution (B, V) to sample the next token from, after temperature, top-k, top-p."""
-    logits = logits.float() / temperature
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature  # the largest is 0: no overflow to inf
     if 0 < top_k < logits.size(-1):  # keep exactly the k largest logits
         values, indices = torch.topk(logits, top_k, dim=-1)
         logits = torch.full_like(logits, float("-inf")).scatter(-1, indices, values)
@@ -61,7 +62,14 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     """The next token (B, 1) for each row of logits (B, V): the most likely one if temperature is 0, else drawn."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    return torch.multinomial(next_token_probs(logits, temperature, top_k, top_p), 1, generator=generator)
+    probs = next_token_probs(logits, temperature, top_k, top_p)
+    try:
+        return torch.multinomial(probs, 1, generator=generator)
+    except RuntimeError:
+        if torch.isfinite(probs).all():
+            raise
+        raise SystemExit("error: the model's outputs are not finite numbers (NaN or inf), so there is nothing to "
+                         "sample from; its weights are damaged, or they overflowed in this --dtype (try float32)")
 
 
 @torch.inference_mode()  # no autograd bookkeeping at all: less overhead per token than no_grad
@@ -200,10 +208,8 @@ def slabs_pay(threads):
 
 def main(args):
     configurator.configure(globals(), args)
-    if max_new_tokens < 1:
-        raise SystemExit(f"error: --max_new_tokens={max_new_tokens} must be at least 1")
-    if num_samples < 1:
-        raise SystemExit(f"error: --num_samples={num_samples} must be at least 1")
+    configurator.check_at_least(globals(), dict(max_new_tokens=1, num_samples=1))
+    configurator.check_seed(seed)
     if temperature < 0:
         raise SystemExit(f"error: --temperature={temperature} must be >= 0 (0 means greedy)")
     if top_k < 0:

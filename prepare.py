@@ -27,7 +27,7 @@ import numpy as np
 
 import configurator
 import tokenizer as tokenizers
-from files import download, write_atomically
+from files import download, make_folder, os_error, remove_stale_temporaries, write_together
 
 # -----------------------------------------------------------------------------
 input = "input.txt"  # UTF-8 text to learn from: a file, or an http(s):// URL to download into data_dir first
@@ -58,8 +58,11 @@ def read_text(path, data_dir):
         download(SHAKESPEARE_URL, path, f"put a UTF-8 text file at {path} or pass --input=FILE", SHAKESPEARE_SHA256)
     if os.path.isdir(path):
         raise SystemExit(f"error: --input={path} is a directory; pass a UTF-8 text file")
-    with open(path, "rb") as f:
-        raw = f.read()
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise os_error("read", path, e) from None
     if not raw.strip():
         raise SystemExit(f"error: {path} is empty; put some UTF-8 text in it or pass --input=FILE")
     try:
@@ -111,14 +114,14 @@ def prepare(input=DEFAULT_INPUT, tokenizer="char", data_dir="", val_fraction=0.1
             raise SystemExit(f"error: {input} is too short: its {split} split has {len(ids)} tokens, "
                              f"not enough for one block; use a longer text")
 
-    # the files: meta.json last, so that data with a meta.json is always complete
-    os.makedirs(data_dir, exist_ok=True)
-    for split, ids in splits.items():
-        write_atomically(os.path.join(data_dir, f"{split}.bin"), np.array(ids, dtype=np.uint16).tofile)
+    # the files, written together: a failure part of the way leaves the data that was there before
     meta = {"tokenizer": tok.to_dict(), "vocab_size": tok.vocab_size, "train_tokens": len(splits["train"]),
             "val_tokens": len(splits["val"]), "source": os.path.abspath(input), "source_sha256": sha256}
-    meta_json = json.dumps(meta, ensure_ascii=False).encode("utf-8")
-    write_atomically(os.path.join(data_dir, "meta.json"), lambda f: f.write(meta_json))
+    contents = {f"{split}.bin": np.array(ids, dtype=np.uint16).tobytes() for split, ids in splits.items()}
+    contents["meta.json"] = json.dumps(meta, ensure_ascii=False).encode("utf-8")
+    make_folder(data_dir)
+    remove_stale_temporaries(data_dir)
+    write_together({os.path.join(data_dir, name): lambda f, data=data: f.write(data) for name, data in contents.items()})
     print(f"{input}: {len(text):,} characters -> {meta['train_tokens']:,} train and {meta['val_tokens']:,} val "
           f"tokens, vocabulary {tok.vocab_size:,} ({tokenizer}), written to {data_dir}/", file=sys.stderr)
     return data_dir

@@ -166,9 +166,6 @@ def compile_pattern(pattern):
 # -----------------------------------------------------------------------------
 # Byte-level BPE: a chunk starts as its UTF-8 bytes, and pairs of ids merge into new ids, in the learned order.
 
-NEVER = 1 << 62  # the rank of a pair that was never merged
-
-
 def merge(ids, pair, new_id):
     """Replace every occurrence of `pair` in `ids`, left to right, by `new_id`: [1, 2, 1, 2] -> [9, 9]."""
     out, i = [], 0
@@ -180,6 +177,37 @@ def merge(ids, pair, new_id):
             out.append(ids[i])
             i += 1
     return out
+
+
+def apply_merges(ids, ranks):
+    """The ids after BPE: merge the adjacent pair learned earliest ({pair: new id}, a lower id is earlier),
+    wherever it occurs, left to right, and again, until no pair left was learned. For example, with
+    {(97, 97): 256, (256, 97): 257}, "aaaaa" [97, 97, 97, 97, 97] -> [256, 256, 97] -> [256, 257].
+
+    Done that way, a chunk of n bytes costs up to n passes of n steps: a 20,000-letter chunk with no space in it
+    takes seconds. So the same merges run in O(n log n): the positions form a linked list, and a heap holds
+    (rank, position) for every adjacent pair that was learned. Popping the pairs of one rank in position order
+    merges them left to right, as one pass would; a pair that a merge creates holds the new id, so it ranks
+    after the pass in progress (a merge's id is larger than both of its ids)."""
+    ids = list(ids) + [None]  # ids[i]: the token at position i; None marks a merged-away position, and the end
+    n = len(ids) - 1
+    prev, next_ = list(range(-1, n)), list(range(1, n + 2))  # each live position's neighbours (-1 and n: ends)
+    heap = [(ranks[pair], i) for i, pair in enumerate(zip(ids, ids[1:n])) if pair in ranks]
+    heapq.heapify(heap)
+    while heap:
+        rank, i = heapq.heappop(heap)
+        j = next_[i]
+        if ids[i] is None or ranks.get((ids[i], ids[j])) != rank:  # outdated: a merge beside it changed the pair
+            continue
+        ids[i], ids[j] = rank, None  # merge: i takes the new id, j leaves the list
+        k = next_[i] = next_[j]
+        prev[k] = i
+        h = prev[i]  # the new id makes new pairs with both neighbours
+        if h >= 0 and (ids[h], rank) in ranks:
+            heapq.heappush(heap, (ranks[ids[h], rank], h))
+        if (rank, ids[k]) in ranks:
+            heapq.heappush(heap, (ranks[rank, ids[k]], i))
+    return [t for t in ids if t is not None]
 
 
 def chunks_of(text, special_tokens=(ENDOFTEXT,), pattern=GPT2_PATTERN):
@@ -298,13 +326,7 @@ class BPETokenizer(Tokenizer):
         """The ids of one pre-split chunk: its bytes, then the earliest-learned merge, again and again."""
         ids = self.cache.get(chunk)
         if ids is None:
-            ids = [self.byte_ids[b] for b in chunk.encode("utf-8", "surrogatepass")]
-            rank = self.ranks.get
-            while len(ids) > 1:
-                pair = min(zip(ids, ids[1:]), key=lambda p: rank(p, NEVER))
-                if pair not in self.ranks:
-                    break
-                ids = merge(ids, pair, self.ranks[pair])
+            ids = apply_merges([self.byte_ids[b] for b in chunk.encode("utf-8", "surrogatepass")], self.ranks)
             if len(self.cache) > 200_000:  # bound the memory on endless, varied text
                 self.cache.clear()
             self.cache[chunk] = ids
@@ -341,11 +363,12 @@ GPT2_VOCAB_URL = "https://huggingface.co/openai-community/gpt2/resolve/main/"  #
 GPT2_FILES = [("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")]  # Hugging Face's names, OpenAI's
 
 
-def gpt2_tokenizer(source=""):
+def gpt2_tokenizer(source="", hint=None):
     """GPT-2's tokenizer from `source`: a tiktoken rank file, or a folder with vocab.json + merges.txt or
-    encoder.json + vocab.bpe. Empty: vocab.json and merges.txt from Hugging Face, downloaded once to CACHE_DIR."""
-    hint = ("pass --gpt2_vocab=PATH: a local gpt2.tiktoken file, or a folder with vocab.json+merges.txt or "
-            "encoder.json+vocab.bpe")
+    encoder.json + vocab.bpe. Empty: vocab.json and merges.txt from Hugging Face, downloaded once to CACHE_DIR.
+    `hint` says what to do when none is found (by default, prepare.py's --gpt2_vocab)."""
+    hint = hint or ("pass --gpt2_vocab=PATH: a local gpt2.tiktoken file, or a folder with vocab.json+merges.txt or "
+                    "encoder.json+vocab.bpe")
     if not source:
         source = os.path.join(CACHE_DIR, "gpt2")
         for name in GPT2_FILES[0]:
@@ -453,12 +476,16 @@ def gpt2_from_vocab_and_merges(vocab_path, merges_path):
 
 def from_dict(d):
     """Rebuild a tokenizer from the dict that its `to_dict()` made."""
+    where = "in this checkpoint or meta.json"
+    if not isinstance(d, dict):
+        raise SystemExit(f"error: {str(d)[:40]} is not a tokenizer ({where} is damaged); prepare the data again")
     if d.get("type") == "char":
+        if not isinstance(d.get("chars"), str) or len(set(d["chars"])) != len(d["chars"]):
+            raise SystemExit(f"error: the char tokenizer {where} is damaged; prepare the data again")
         return CharTokenizer(d["chars"])
     if d.get("type") == "bpe":
         try:
             return BPETokenizer(d["merges"], d["byte_order"], d["special_tokens"], d["pattern"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise SystemExit(f"error: the BPE tokenizer in this checkpoint or meta.json is damaged ({e}); "
-                             f"prepare the data again")
-    raise SystemExit(f"error: unknown tokenizer type {d.get('type')!r} in this checkpoint or meta.json")
+        except (KeyError, TypeError, ValueError, AttributeError, re.error) as e:
+            raise SystemExit(f"error: the BPE tokenizer {where} is damaged ({str(e)[:80]}); prepare the data again")
+    raise SystemExit(f"error: unknown tokenizer type {str(d.get('type'))[:40]!r} {where}; prepare the data again")

@@ -33,7 +33,7 @@ import torch.distributed as dist
 import bench
 import configurator
 import tokenizer as tokenizers
-from files import write_atomically
+from files import make_folder, remove_stale_temporaries, write_atomically
 from gpt import GPT2_SIZES, GPT, GPTConfig
 from checkpoint import from_pretrained, load_checkpoint, model_from_checkpoint, rng_state, set_rng_state
 
@@ -169,7 +169,12 @@ def configure(args):
     ckpt = None
     if init_from == "resume":  # the run continues with its saved settings; flags given now (--max_iters) win
         ckpt = load_checkpoint(os.path.join(out_dir, "last.pt"))
-        for k, v in ckpt.get("config", {}).items():
+        missing = [k for k in ("optimizer", "scaler", "rng", "iter_num", "best_val_loss", "config") if k not in ckpt]
+        if missing or not isinstance(ckpt["config"], dict):
+            raise SystemExit(f"error: {out_dir}/last.pt lacks {', '.join(missing) or 'its settings'}, so the run cannot "
+                             f"continue exactly; sample from it with generate.py, or start a new run with "
+                             f"--init_from=scratch --out_dir=NEW_DIR")
+        for k, v in ckpt["config"].items():
             if k in globals() and k not in overridden and k != "init_from":
                 globals()[k] = v
         if dtype == "auto" and "precision" in ckpt:  # the precision it chose, not a new choice by a new probe
@@ -190,12 +195,11 @@ def configure(args):
 
 def check_settings():
     """Catch the settings that would otherwise fail with a traceback deep inside the run."""
-    least = dict(n_layer=1, n_head=1, n_embd=1, block_size=1, batch_size=1, gradient_accumulation_steps=1,
-                 eval_interval=1, eval_iters=1, log_interval=1, max_iters=0, warmup_iters=0, lr_decay_iters=0,
-                 learning_rate=0, min_lr=0, weight_decay=0, grad_clip=0, sample_length=0)
-    for key, lowest in least.items():
-        if globals()[key] < lowest:
-            raise SystemExit(f"error: --{key}={globals()[key]} must be at least {lowest}")
+    configurator.check_at_least(globals(), dict(
+        n_layer=1, n_head=1, n_embd=1, block_size=1, batch_size=1, gradient_accumulation_steps=1, eval_interval=1,
+        eval_iters=1, log_interval=1, max_iters=0, warmup_iters=0, lr_decay_iters=0, learning_rate=0, min_lr=0,
+        weight_decay=0, grad_clip=0, sample_length=0))
+    configurator.check_seed(seed)
     if n_embd % n_head:
         raise SystemExit(f"error: --n_embd={n_embd} must be a multiple of --n_head={n_head}")
     if not 0 <= dropout < 1:
@@ -232,9 +236,25 @@ def load_dataset():
         prepare.prepare(tokenizer=DEFAULT_DATA[data_dir], data_dir=data_dir)
     if DDP:
         dist.barrier()  # every process, whether or not it found the data: the others wait for it
-    with open(meta_path, encoding="utf-8") as f:
-        meta = json.load(f)
+    meta = read_meta(meta_path)
     return meta, {s: load_split(s, meta["vocab_size"], meta[f"{s}_tokens"]) for s in ("train", "val")}
+
+
+def read_meta(path):
+    """meta.json, checked: JSON with the counts train.py needs, and a vocabulary its own tokenizer agrees with."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SystemExit(f"error: {path} is not readable JSON ({str(e)[:80]}); run prepare.py again")
+    counts = ("vocab_size", "train_tokens", "val_tokens")
+    if not isinstance(meta, dict) or "tokenizer" not in meta or not all(type(meta.get(k)) is int for k in counts):
+        raise SystemExit(f"error: {path} lacks the tokenizer or a count ({', '.join(counts)}); run prepare.py again")
+    tok = tokenizers.from_dict(meta["tokenizer"])
+    if tok.vocab_size != meta["vocab_size"]:
+        raise SystemExit(f"error: {path} says vocab_size {meta['vocab_size']}, but its tokenizer has "
+                         f"{tok.vocab_size} tokens; run prepare.py again")
+    return meta
 
 
 def load_split(split, vocab_size, expected_tokens):
@@ -289,9 +309,11 @@ def resolve_precision(model, dev):
 
 
 def write_settings(dev):
-    """out_dir/config.json: every setting as this run resolved it, and where it runs."""
+    """out_dir/config.json: every setting as this run resolved it, and where it runs. Temporaries that killed
+    runs left in out_dir go first."""
     if MASTER:
-        os.makedirs(out_dir, exist_ok=True)
+        make_folder(out_dir)
+        remove_stale_temporaries(out_dir)
         text = json.dumps(dict(current_settings(), device=dev, world_size=WORLD_SIZE), indent=2)
         write_atomically(os.path.join(out_dir, "config.json"), lambda f: f.write(text.encode("utf-8")))
 
@@ -322,13 +344,18 @@ def save(names, model, optimizer, scaler, data_rng, meta, iter_num, best_val_los
 def restore(ckpt, optimizer, scaler, data_rng):
     """Put the optimizer, the grad scaler and every random state back where the checkpoint left them; return
     (iter_num, best_val_loss)."""
-    optimizer.load_state_dict(ckpt["optimizer"])  # its moments, and the hyperparameters it was saved with:
-    for group, decay in zip(optimizer.param_groups, (weight_decay, 0.0)):  # those given now win
-        group.update(weight_decay=decay, betas=(beta1, beta2))
-    if ckpt["scaler"]:  # empty unless the run used float16
-        scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"], data_rng, RANK)
-    iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])  # its moments, and the hyperparameters it was saved with:
+        for group, decay in zip(optimizer.param_groups, (weight_decay, 0.0)):  # those given now win
+            group.update(weight_decay=decay, betas=(beta1, beta2))
+        if ckpt["scaler"]:  # empty unless the run used float16
+            scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"], data_rng, RANK)
+        iter_num, best_val_loss = int(ckpt["iter_num"]), float(ckpt["best_val_loss"])
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+        raise SystemExit(f"error: {out_dir}/last.pt holds a damaged optimizer, iteration or random state "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}); resume from an "
+                         f"earlier copy, or start a new run with --init_from=scratch --out_dir=NEW_DIR")
     ckpt.clear()  # free the loaded tensors before training
     return iter_num, best_val_loss
 

@@ -66,7 +66,7 @@ def test_bench_sample_times_the_cache_and_the_recomputation_and_gives_their_rati
 
 def test_bench_refuses_bad_input_with_one_line(corpus):
     line = one_error_line(run_script("bench.py", "--what=speed", cwd=corpus))
-    assert "--what=speed" in line and "train or sample" in line
+    assert "--what=speed" in line and "train, sample or tokenize" in line
     failed = run_script("bench.py", "--", *TINY, "--n_layer=0", cwd=corpus)  # train.py refuses; bench says so
     assert failed.returncode != 0 and "Traceback" not in failed.stderr
     assert failed.stderr.strip().splitlines()[-1].startswith("error: train.py failed")

@@ -299,3 +299,30 @@ def test_bad_gpt2_vocabulary_sources_are_one_clear_line(tmp_path, source, messag
             (bad / name).write_text(content, encoding="utf-8")
     with pytest.raises(SystemExit, match=message):
         tokenizer.gpt2_tokenizer(str(bad))
+
+
+def quadratic_merges(ids, ranks):
+    """BPE's merging as it is usually written: find the pair learned first, merge it everywhere, repeat."""
+    while len(ids) > 1:
+        pair = min(zip(ids, ids[1:]), key=lambda p: ranks.get(p, float("inf")))
+        if pair not in ranks:
+            return ids
+        ids = tokenizer.merge(ids, pair, ranks[pair])
+    return ids
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_merging_in_n_log_n_gives_the_ids_of_the_quadratic_loop(seed):
+    rng = random.Random(seed)
+    tok = BPETokenizer.train(random_corpus(seed), vocab_size=300 + 50 * seed)
+    for _ in range(300):  # long runs of few letters: overlapping pairs like "aaa", "abab", where order matters
+        ids = [rng.choice([97, 98, 99, 32][: 2 + seed % 3]) for _ in range(rng.randint(0, 120))]
+        assert tokenizer.apply_merges(ids, tok.ranks) == quadratic_merges(ids, tok.ranks)
+    assert tokenizer.apply_merges([97] * 5, {(97, 97): 256, (256, 97): 257}) == [256, 257]
+
+
+def test_a_long_chunk_without_spaces_encodes_like_tiktoken(gpt2, tiktoken_gpt2):
+    rng = random.Random(0)
+    for letters in ("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ", "ab", "0123456789"):
+        blob = "".join(rng.choices(letters, k=20_000))  # one chunk: the worst case for BPE's merging
+        assert gpt2.encode(blob) == tiktoken_gpt2.encode(blob)
