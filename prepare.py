@@ -10,7 +10,7 @@ prepare.py: turn a text file into training data.
 
 Reads the text, splits it 90/10 into train and validation, encodes both, and writes to `data_dir`:
 
-    train.bin, val.bin   the token ids as raw uint16 arrays (read them with np.memmap)
+    train.bin, val.bin   the token ids as raw uint16 arrays (read_meta and load_split read them back, checked)
     meta.json            the tokenizer, vocabulary size, token counts and the source's sha256
 
 With bpe and gpt2, `<|endoftext|>` written in the text is the special token that separates documents (one id),
@@ -125,6 +125,47 @@ def prepare(input=DEFAULT_INPUT, tokenizer="char", data_dir="", val_fraction=0.1
     print(f"{input}: {len(text):,} characters -> {meta['train_tokens']:,} train and {meta['val_tokens']:,} val "
           f"tokens, vocabulary {tok.vocab_size:,} ({tokenizer}), written to {data_dir}/", file=sys.stderr)
     return data_dir
+
+
+# -----------------------------------------------------------------------------
+# Reading the data back (train.py does), checked against what meta.json says
+
+
+def read_meta(data_dir):
+    """data_dir/meta.json, checked: JSON with the counts, and a vocabulary its own tokenizer agrees with."""
+    path = os.path.join(data_dir, "meta.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SystemExit(f"error: {path} is not readable JSON ({str(e)[:80]}); run prepare.py again")
+    counts = ("vocab_size", "train_tokens", "val_tokens")
+    if not isinstance(meta, dict) or "tokenizer" not in meta or not all(type(meta.get(k)) is int and meta[k] > 0
+                                                                        for k in counts):
+        raise SystemExit(f"error: {path} lacks the tokenizer or a count ({', '.join(counts)}); run prepare.py again")
+    tok = tokenizers.from_dict(meta["tokenizer"])
+    if tok.vocab_size != meta["vocab_size"]:
+        raise SystemExit(f"error: {path} says vocab_size {meta['vocab_size']}, but its tokenizer has "
+                         f"{tok.vocab_size} tokens; run prepare.py again")
+    return meta
+
+
+def load_split(data_dir, split, meta, block_size=1):
+    """A split's token ids ('train' or 'val') as a read-only memmap, checked against meta.json and long enough
+    for one block of block_size + 1 tokens."""
+    path = os.path.join(data_dir, f"{split}.bin")
+    size = os.path.getsize(path) if os.path.isfile(path) else 0
+    vocab_size, expected_tokens = meta["vocab_size"], meta[f"{split}_tokens"]
+    if size % 2 or size // 2 != expected_tokens:
+        raise SystemExit(f"error: {path} has {size} bytes but meta.json says {expected_tokens} uint16 tokens "
+                         f"(truncated or corrupted?); run prepare.py again")
+    data = np.memmap(path, dtype=np.uint16, mode="r")
+    if data.max() >= vocab_size:
+        raise SystemExit(f"error: {path} holds token id {data.max()} >= vocab_size {vocab_size}; run prepare.py again")
+    if len(data) <= block_size:
+        raise SystemExit(f"error: {path} has {len(data)} tokens, too few for --block_size={block_size}; "
+                         f"use a smaller --block_size or more text")
+    return data
 
 
 def main(args):

@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 import bench
 import configurator
+import prepare
 import tokenizer as tokenizers
 from files import make_folder, remove_stale_temporaries, write_atomically
 from gpt import GPT2_SIZES, GPT, GPTConfig
@@ -231,46 +232,11 @@ def load_dataset():
     if not os.path.exists(meta_path) and data_dir not in DEFAULT_DATA:
         raise SystemExit(f"error: no prepared data in {data_dir}; run python prepare.py --data_dir={data_dir}")
     if not os.path.exists(meta_path) and LOCAL_RANK == 0:  # one process per machine prepares it
-        import prepare
-
         prepare.prepare(tokenizer=DEFAULT_DATA[data_dir], data_dir=data_dir)
     if DDP:
         dist.barrier()  # every process, whether or not it found the data: the others wait for it
-    meta = read_meta(meta_path)
-    return meta, {s: load_split(s, meta["vocab_size"], meta[f"{s}_tokens"]) for s in ("train", "val")}
-
-
-def read_meta(path):
-    """meta.json, checked: JSON with the counts train.py needs, and a vocabulary its own tokenizer agrees with."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SystemExit(f"error: {path} is not readable JSON ({str(e)[:80]}); run prepare.py again")
-    counts = ("vocab_size", "train_tokens", "val_tokens")
-    if not isinstance(meta, dict) or "tokenizer" not in meta or not all(type(meta.get(k)) is int for k in counts):
-        raise SystemExit(f"error: {path} lacks the tokenizer or a count ({', '.join(counts)}); run prepare.py again")
-    tok = tokenizers.from_dict(meta["tokenizer"])
-    if tok.vocab_size != meta["vocab_size"]:
-        raise SystemExit(f"error: {path} says vocab_size {meta['vocab_size']}, but its tokenizer has "
-                         f"{tok.vocab_size} tokens; run prepare.py again")
-    return meta
-
-
-def load_split(split, vocab_size, expected_tokens):
-    """A split's token ids as a read-only memmap, checked against meta.json."""
-    path = os.path.join(data_dir, f"{split}.bin")
-    size = os.path.getsize(path) if os.path.isfile(path) else 0
-    if size % 2 or size // 2 != expected_tokens:
-        raise SystemExit(f"error: {path} has {size} bytes but meta.json says {expected_tokens} uint16 tokens "
-                         f"(truncated or corrupted?); run prepare.py again")
-    data = np.memmap(path, dtype=np.uint16, mode="r")
-    if data.max() >= vocab_size:
-        raise SystemExit(f"error: {path} holds token id {data.max()} >= vocab_size {vocab_size}; run prepare.py again")
-    if len(data) <= block_size:
-        raise SystemExit(f"error: {path} has {len(data)} tokens, too few for --block_size={block_size}; "
-                         f"use a smaller --block_size or more text")
-    return data
+    meta = prepare.read_meta(data_dir)
+    return meta, {split: prepare.load_split(data_dir, split, meta, block_size) for split in ("train", "val")}
 
 
 def build_model(ckpt, meta, dev):
