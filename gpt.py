@@ -29,6 +29,13 @@ class GPTConfig:
     n_embd: int = 128  # width of the residual stream
     dropout: float = 0.0  # probability of zeroing activations during training (0 for small data is often best)
     bias: bool = True  # biases in Linear layers and LayerNorms, as in GPT-2
+    # past GPT-2: each off by default, so that GPT-2's architecture (and its published weights) stay exact
+    rope: bool = False  # rotary position embeddings (rotate q and k by position) instead of a learned table
+    rmsnorm: bool = False  # RMSNorm (rescale only) instead of LayerNorm (recentre and rescale)
+    qk_norm: bool = False  # normalise each head's queries and keys, so that no score can grow without bound
+    relu2: bool = False  # ReLU(x)^2 in the MLP instead of GELU
+    zero_init: bool = False  # output projections start at zero: every block starts as the identity
+    tie_embeddings: bool = True  # lm_head reads from the token embedding's table, as in GPT-2
 
 
 GPT2_SIZES = {  # OpenAI's published shapes; all use vocab_size 50257 and block_size 1024
@@ -43,6 +50,25 @@ GPT2_SIZES = {  # OpenAI's published shapes; all use vocab_size 50257 and block_
 # The three parts of a transformer block
 
 
+def norm(config, size):
+    """The normalisation layer: LayerNorm, or with config.rmsnorm, RMSNorm (x / rms(x) * gain)."""
+    return nn.RMSNorm(size, eps=1e-5) if config.rmsnorm else nn.LayerNorm(size, bias=config.bias)
+
+
+def rotate(x, start):
+    """Rotary position embedding of x (B, nh, T, hs) at positions start, ..., start + T - 1: each pair of
+    dimensions (i, i + hs/2) turns by the angle position * 10000^(-2i/hs). A query at position m and a key at n
+    then meet at the angle (m - n) * frequency: their dot product depends on how far apart they are, not where."""
+    T, hs = x.size(2), x.size(3)
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32  # angles at least as precise as x
+    frequency = 10000.0 ** (-torch.arange(0, hs, 2, device=x.device, dtype=dtype) / hs)  # (hs/2,)
+    position = torch.arange(start, start + T, device=x.device, dtype=dtype)  # (T,)
+    angle = position[:, None] * frequency[None, :]  # (T, hs/2)
+    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hs/2) each
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
 class CausalSelfAttention(nn.Module):
     """Every position gathers information from itself and the positions before it, in n_head ways at once.
 
@@ -55,8 +81,10 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         assert config.n_embd % config.n_head == 0, "n_embd must be a multiple of n_head"
+        assert not config.rope or config.n_embd // config.n_head % 2 == 0, "rope needs an even head size"
         self.n_head = config.n_head
         self.dropout = config.dropout
+        self.rope, self.qk_norm = config.rope, config.qk_norm
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # query, key, value at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)  # mixes the heads back together
         self.weights = None  # the written-out path keeps its attention weights here: (B, nh, T, Tk)
@@ -65,6 +93,11 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.size()
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3 * C) cut into 3 x nh heads
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs) unpacked: each (B, nh, T, hs)
+        if self.qk_norm:  # unit RMS per head: a score is a cosine similarity times sqrt(hs)
+            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
+        if self.rope:  # positions enter here, as rotations, not as a table added to the input
+            start = cache.len if cache is not None else 0
+            q, k = rotate(q, start), rotate(k, start)
         if cache is not None:  # generation: remember this step's keys and values, attend over all so far
             k, v = cache.append(k, v)  # (B, nh, Tk, hs), Tk = positions cached before + T
         if self.fast:  # a single new query (T == 1) comes after every cached key, so it needs no mask
@@ -95,21 +128,22 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = config.dropout
+        self.dropout, self.relu2 = config.dropout, config.relu2
 
     def forward(self, x):
-        x = F.gelu(self.c_fc(x), approximate="tanh")  # GPT-2's GELU (the tanh approximation)
+        x = self.c_fc(x)
+        x = F.relu(x).square() if self.relu2 else F.gelu(x, approximate="tanh")  # GPT-2's GELU: tanh approximation
         return F.dropout(self.c_proj(x), self.dropout, self.training)
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm residual block: x + attn(ln(x)), then x + mlp(ln(x))."""
+    """Pre-norm residual block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = norm(config, config.n_embd)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = norm(config, config.n_embd)
         self.mlp = MLP(config)
 
     def forward(self, x, cache=None):
@@ -126,20 +160,23 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding: what each token is
-            wpe=nn.Embedding(config.block_size, config.n_embd),  # position embedding: where it is
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
-        ))
+        parts = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))  # token embedding: what each token is
+        if not config.rope:  # position embedding: where it is (with RoPE, attention rotates q and k instead)
+            parts["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        parts["h"] = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        parts["ln_f"] = norm(config, config.n_embd)
+        self.transformer = nn.ModuleDict(parts)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # tied: reading a token and writing it share one table
+        if config.tie_embeddings:  # reading a token and writing it share one table
+            self.lm_head.weight = self.transformer.wte.weight
 
         # GPT-2's initialisation: N(0, 0.02) everywhere, zero biases, and the projections that write into the
         # residual stream scaled down by 1/sqrt(2 * n_layer) so that the stream's variance does not grow with depth
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
+            if name.endswith("c_proj.weight") and config.zero_init:
+                nn.init.zeros_(p)
+            elif name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def _init_weights(self, module):
@@ -153,8 +190,9 @@ class GPT(nn.Module):
         B, T = idx.size()
         start = cache[0].len if cache else 0  # with a cache, idx continues where the cache left off
         assert start + T <= self.config.block_size, f"{start + T} positions, but block_size is {self.config.block_size}"
-        pos = torch.arange(start, start + T, device=idx.device)  # (T,)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if not self.config.rope:
+            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))  # + (T, C)
         x = F.dropout(x, self.config.dropout, self.training)
         for i, block in enumerate(self.transformer.h):
             x = block(x, cache[i] if cache else None)
@@ -169,15 +207,16 @@ class GPT(nn.Module):
         return logits, loss
 
     def num_params(self, non_embedding=False):
-        """Parameters counted once (the tied lm_head is wte); non_embedding leaves out the position table."""
+        """Parameters counted once (a tied lm_head is wte); non_embedding leaves out the position table."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+        return n - self.transformer.wpe.weight.numel() if non_embedding and not self.config.rope else n
 
     def crop_block_size(self, block_size):
         """Keep only the first block_size positions: fine-tune GPT-2 (1024) on shorter, cheaper contexts."""
         assert block_size <= self.config.block_size
         self.config.block_size = block_size
-        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].clone())
+        if not self.config.rope:
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].clone())
 
     def new_cache(self, batch_size):
         """An empty key/value cache per layer, for generating `batch_size` sequences at once."""

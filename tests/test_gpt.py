@@ -135,3 +135,66 @@ def test_the_written_out_attention_trains_like_the_fused_kernel():
         grads.append([p.grad for p in model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+SWITCHES = dict(rope=True, rmsnorm=True, qk_norm=True, relu2=True, zero_init=True, tie_embeddings=False)
+
+
+def test_rotary_scores_depend_only_on_how_far_apart_a_query_and_a_key_are():
+    from gpt import rotate
+
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 2, 8, 16, dtype=torch.float64), torch.randn(1, 2, 8, 16, dtype=torch.float64)
+    scores = rotate(q, 0) @ rotate(k, 0).transpose(-2, -1)  # (1, 2, 8, 8): query i, key j at positions i, j
+    for shift in (1, 5, 1000):  # the same tokens further along: every distance is the same, so every score is
+        torch.testing.assert_close(rotate(q, shift) @ rotate(k, shift).transpose(-2, -1), scores)
+    assert not torch.allclose(rotate(q, 0) @ rotate(k, 3).transpose(-2, -1), scores)  # other distances differ
+    torch.testing.assert_close(rotate(q, 7).norm(dim=-1), q.norm(dim=-1))  # a rotation: lengths stay
+
+
+def test_rmsnorm_is_x_over_its_root_mean_square_times_a_gain():
+    from gpt import norm
+
+    layer = norm(GPTConfig(rmsnorm=True), 32)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+    x = torch.randn(4, 7, 32, dtype=torch.float64) * 3 + 1
+    expected = x / torch.sqrt((x**2).mean(-1, keepdim=True) + 1e-5) * layer.weight.double()
+    torch.testing.assert_close(layer.double()(x), expected)
+    assert isinstance(norm(GPTConfig(), 32), torch.nn.LayerNorm)
+
+
+@pytest.mark.parametrize("switch", list(SWITCHES) + ["all"])
+def test_each_switch_keeps_the_model_causal_and_the_cache_exact(switch):
+    torch.manual_seed(0)
+    kw = SWITCHES if switch == "all" else {switch: SWITCHES[switch]}
+    model = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32, **kw)).double().eval()
+    with torch.no_grad():  # past zero-initialised projections, so that every block does something
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    idx = torch.randint(0, 50, (2, 16))
+    with torch.no_grad():
+        full = model(idx)[0]
+        changed = idx.clone()
+        changed[:, 9:] = (changed[:, 9:] + 1) % 50
+        assert torch.equal(model(changed)[0][:, :9], full[:, :9])  # the future does not reach the past
+        cache = model.new_cache(2)
+        steps = [model(idx[:, :5], cache=cache)[0]] + [model(idx[:, t : t + 1], cache=cache)[0] for t in range(5, 16)]
+        torch.testing.assert_close(torch.cat(steps, dim=1), full)
+        written = written_out(model)(idx)[0]
+        torch.testing.assert_close(written, full)
+
+
+def test_the_switches_change_what_they_say():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32, **SWITCHES))
+    names = dict(model.named_parameters())
+    assert "transformer.wpe.weight" not in names  # RoPE: no position table
+    assert model.lm_head.weight is not model.transformer.wte.weight and "lm_head.weight" in names  # untied
+    assert all(torch.all(p == 0) for n, p in names.items() if n.endswith("c_proj.weight"))  # zero-initialised
+    assert isinstance(model.transformer.ln_f, torch.nn.RMSNorm)
+    x = torch.tensor([-2.0, -0.5, 0.0, 1.5])
+    mlp = model.transformer.h[0].mlp
+    assert torch.equal(torch.nn.functional.relu(x).square(), torch.nn.functional.relu(x) ** 2) and mlp.relu2
+    baseline = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32))
+    assert model.num_params() == baseline.num_params() - 16 * 32 + 50 * 32 - 2 * 2 * 32 - 32  # no wpe, a head, no biases in norms
