@@ -69,7 +69,7 @@ def model_from_checkpoint(ckpt, path="the checkpoint"):
     try:
         model = GPT(GPTConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
-    except (TypeError, RuntimeError, AssertionError) as e:
+    except (TypeError, RuntimeError, AssertionError, ZeroDivisionError) as e:  # n_head=0 divides by zero
         raise SystemExit(f"error: {path} does not match its own model_config ({str(e).splitlines()[0][:160]})")
     return model
 
