@@ -134,7 +134,7 @@ def bench_sample():
             print(f"  run {i + 1}, kv_cache={kv_cache!s:5s}: {speeds[kv_cache][-1]:8,.0f} tokens/s")
     cached, uncached = statistics.median(speeds[True]), statistics.median(speeds[False])
     print(f"median of {repeat}: {cached:,.0f} tokens/s with the cache, {uncached:,.0f} without: "
-          f"{cached / uncached:.1f}x")
+          f"{cached / uncached:.2f}x")
 
 
 def bench_tokenize():

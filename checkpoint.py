@@ -12,6 +12,7 @@ weights are read from Hugging Face's model.safetensors, a format that holds only
 the safetensors package). The model itself is gpt.py; used by train.py and generate.py.
 """
 
+import dataclasses
 import json
 import math
 import mmap
@@ -85,7 +86,12 @@ def load_checkpoint(path, map_location="cpu"):
 def model_from_checkpoint(ckpt, path="the checkpoint"):
     """Build the GPT a checkpoint describes and load its weights, refusing weights that are NaN or inf."""
     try:
-        model = GPT(GPTConfig(**ckpt["model_config"]))
+        config = GPTConfig(**ckpt["model_config"])
+        for field in dataclasses.fields(config):  # a float may be given as an int; nothing else may differ
+            value = getattr(config, field.name)
+            if type(value) is not type(field.default) and not (type(field.default) is float and type(value) is int):
+                raise TypeError(f"{field.name} is {value!r}")
+        model = GPT(config)
         model.load_state_dict(ckpt["model"])
     except (TypeError, ValueError, RuntimeError, AssertionError, ZeroDivisionError, OverflowError, MemoryError) as e:
         raise SystemExit(f"error: {path} does not match its own model_config ({str(e).splitlines()[0][:160]})")

@@ -129,6 +129,10 @@ def sample_text(model, tok, prompt_text, max_new_tokens, num_samples=1, temperat
             if num_samples == 1:
                 out.write(piece)
                 out.flush()
+    ends = [decoder.decode(b"", final=True) for decoder in decoders]  # a character the last token cut off: U+FFFD
+    texts = [text + end for text, end in zip(texts, ends)]
+    if num_samples == 1:
+        out.write(ends[0])
     elapsed = time.perf_counter() - t0
     if num_samples > 1:
         out.write(("\n" + "-" * 80 + "\n").join(texts))

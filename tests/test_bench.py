@@ -61,7 +61,9 @@ def test_bench_sample_times_the_cache_and_the_recomputation_and_gives_their_rati
     assert "kv_cache=True" in result.stdout and "kv_cache=False" in result.stdout
     m = re.search(r"median of 1: ([\d,]+) tokens/s with the cache, ([\d,]+) without: ([\d.]+)x", result.stdout)
     cached, uncached = (float(g.replace(",", "")) for g in m.groups()[:2])
-    assert abs(cached / uncached - float(m[3])) < 0.1 * cached / uncached
+    # the ratio of the two speeds, within what printing them as whole tokens/s and it with 2 decimals can change
+    rounding = cached / uncached * (0.5 / cached + 0.5 / uncached) * 1.01 + 0.005
+    assert abs(cached / uncached - float(m[3])) <= rounding
 
 
 def test_bench_refuses_bad_input_with_one_line(corpus):

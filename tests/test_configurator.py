@@ -20,7 +20,8 @@ def test_an_int_may_stand_for_a_float():
     assert s["learning_rate"] == 1.0 and isinstance(s["learning_rate"], float)
 
 
-@pytest.mark.parametrize("arg", ["--n_layer=6.5", "--n_layer=True", "--compile=1", "--learning_rate='fast'"])
+@pytest.mark.parametrize("arg", ["--n_layer=6.5", "--n_layer=True", "--learning_rate=True", "--compile=1",
+                                 "--learning_rate='fast'"])
 def test_a_value_of_the_wrong_type_is_an_error(arg):
     with pytest.raises(SystemExit, match="error: --.* must be"):
         configurator.configure(settings(), [arg])

@@ -1,5 +1,6 @@
 """train.py under torchrun: two CPU processes (gloo) train exactly like one, and share checkpoints with it."""
 
+import json
 import os
 import subprocess
 import sys
@@ -70,3 +71,61 @@ def test_gradient_accumulation_must_divide_among_the_processes(corpus):
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors and "--gradient_accumulation_steps=3 is the total over 2 processes" in errors[0]
+
+
+RECORDER = """
+# train.py as torchrun runs it, recording in order: each micro-step's forward through DDP ("micro"), each
+# gradient synchronisation (DDP's last bucket: "sync"), each optimizer step ("step"); and the first dropout mask
+import json, os, runpy, sys
+import torch
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+events, masks = [], []
+real_init, real_forward = DistributedDataParallel.__init__, DistributedDataParallel.forward
+real_dropout = torch.nn.functional.dropout
+
+def init(self, *args, **kwargs):
+    real_init(self, *args, **kwargs)
+    self.register_comm_hook(None, synchronise)
+
+def synchronise(state, bucket):
+    if bucket.is_last():
+        events.append("sync")
+    return allreduce_hook(state, bucket)
+
+def forward(self, *args, **kwargs):
+    events.append("micro")
+    return real_forward(self, *args, **kwargs)
+
+def dropout(x, p=0.5, training=True, inplace=False):
+    out = real_dropout(x, p, training, inplace)
+    if training and p > 0 and not masks:
+        masks.append(((out == 0) & (x != 0)).flatten().tolist())
+    return out
+
+DistributedDataParallel.__init__, DistributedDataParallel.forward = init, forward
+torch.nn.functional.dropout = dropout
+register_optimizer_step_pre_hook(lambda *args: events.append("step"))
+sys.path.insert(0, os.path.dirname(sys.argv[1]))
+script, sys.argv = sys.argv[1], sys.argv[1:]
+runpy.run_path(script, run_name="__main__")
+with open(f"events{os.environ['RANK']}.json", "w") as f:
+    json.dump(dict(events=events, mask=masks[0]), f)
+"""
+
+
+def test_processes_synchronise_gradients_once_per_step_and_draw_their_own_dropout(corpus):
+    (corpus / "recorder.py").write_text(RECORDER, encoding="utf-8")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(corpus / "recorder.py"), os.path.join(ROOT, "train.py"), *TINY, "--batch_size=4",
+               "--gradient_accumulation_steps=4", "--max_iters=3", "--eval_interval=100", "--dropout=0.2"]
+    result = subprocess.run(command, cwd=corpus, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    runs = [json.loads((corpus / f"events{rank}.json").read_text()) for rank in (0, 1)]
+    for run in runs:  # 4 micro-steps over 2 processes: 2 each, and one all-reduce of the gradients per step
+        assert run["events"] == ["micro", "micro", "sync", "step"] * 3
+    mask0, mask1 = (torch.tensor(run["mask"]) for run in runs)
+    assert 0.1 < mask0.float().mean() < 0.3 and 0.1 < mask1.float().mean() < 0.3  # dropout 0.2 of the activations
+    assert (mask0 != mask1).float().mean() > 0.2  # masks drawn independently: they differ in about 32% of places

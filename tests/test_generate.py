@@ -186,3 +186,64 @@ def test_a_model_loaded_for_sampling_takes_the_cpu_path_in_its_large_layers_only
     idx = torch.randint(0, 30, (1, 5))
     with torch.no_grad():
         torch.testing.assert_close(loaded(idx)[0], model(idx)[0])
+
+
+def spread(model, scale=8.0):
+    """The model with its final LayerNorm gain raised, so that its next-token distributions are far from uniform."""
+    with torch.no_grad():
+        model.transformer.ln_f.weight.fill_(scale)
+    return model
+
+
+def total_variation(p, q):
+    return 0.5 * (p - q).abs().sum().item()
+
+
+def test_temperature_reshapes_the_distribution_the_text_is_drawn_from():
+    import io
+
+    model = spread(tiny())
+    tok = CharTokenizer("".join(chr(ord("a") + i) for i in range(30)))
+    with torch.no_grad():
+        logits = model(torch.tensor([tok.encode("abc")]))[0][0, -1].double()  # (V,) for the token after "abc"
+    untempered = torch.softmax(logits, dim=-1)
+    n = 20000
+    for temperature in (0.5, 2.0):
+        expected = torch.softmax(logits / temperature, dim=-1)
+        assert total_variation(expected, untempered) > 0.2  # far enough apart to tell them from a sample
+        texts = sample_text(model, tok, "abc", 1, num_samples=n, temperature=temperature, seed=0, out=io.StringIO())
+        drawn = torch.bincount(torch.tensor(tok.encode("".join(t[-1] for t in texts))), minlength=30) / n
+        assert total_variation(drawn.double(), expected) < 0.03, temperature  # sampling noise: about 0.015
+
+
+def test_a_prompt_longer_than_the_block_is_cut_to_its_last_tokens():
+    model = tiny(block_size=16).double()
+    prompt = torch.randint(0, 30, (2, 40))
+    out = tokens(model, prompt, 6, temperature=0)
+    other_start = prompt.clone()
+    other_start[:, :24] = torch.randint(0, 30, (2, 24))  # all but the last 16 tokens
+    assert torch.equal(tokens(model, other_start, 6, temperature=0), out)
+    other_end = prompt.clone()
+    other_end[:, -1] = (prompt[:, -1] + 1) % 30
+    assert not torch.equal(tokens(model, other_end, 6, temperature=0), out)
+    keep = 16 - 16 // 4  # as generate()'s docstring says: the last 3/4 of the block
+    assert torch.equal(tokens(model, prompt[:, -keep:], 6, temperature=0), out)
+
+
+@pytest.mark.parametrize("text", ["a 🙂 and café, 🙂!", "ends mid-character 🙂"])
+def test_streamed_text_is_the_decoded_text_when_tokens_split_characters(monkeypatch, text):
+    import io
+
+    import generate
+    from tokenizer import BPETokenizer
+
+    tok = BPETokenizer.train("plain words, over and over. " * 50, vocab_size=270)
+    ids = tok.encode(text)
+    assert len(tok.encode("🙂")) == 4 and len(tok.encode("é")) == 2  # byte tokens: characters split up
+    if text.startswith("ends"):
+        ids = ids[:-2]  # the generation stops halfway through the emoji's bytes
+    monkeypatch.setattr(generate, "generate", lambda *args: (torch.tensor([i]) for i in ids))  # these tokens
+    out = io.StringIO()
+    texts = sample_text(tiny(vocab_size=tok.vocab_size), tok, "Say:", len(ids), out=out)
+    assert out.getvalue() == "Say:" + tok.decode(ids) + "\n"
+    assert texts == ["Say:" + tok.decode(ids)]

@@ -61,6 +61,38 @@ def test_lm_head_is_tied_to_the_token_embedding_and_residual_projections_are_sca
     assert all(torch.all(m.bias == 0) for m in model.modules() if isinstance(m, torch.nn.Linear) and m.bias is not None)
 
 
+def test_every_parameter_starts_as_gpt2_initialises_it():
+    # wide and deep enough that each matrix's sample std is within 1% of the true one (its error is 1/sqrt(2 n))
+    L = 6
+    model = tiny(n_layer=L, n_embd=256, vocab_size=512, block_size=256)
+    residual = 0.02 / math.sqrt(2 * L)  # the two projections per block that write into the residual stream
+    expected = {"transformer.wte.weight": 0.02, "transformer.wpe.weight": 0.02}
+    for i in range(L):
+        expected |= {f"transformer.h.{i}.attn.c_attn.weight": 0.02, f"transformer.h.{i}.attn.c_proj.weight": residual,
+                     f"transformer.h.{i}.mlp.c_fc.weight": 0.02, f"transformer.h.{i}.mlp.c_proj.weight": residual}
+    for name, p in model.named_parameters():
+        if name in expected:
+            assert abs(p.mean().item()) < 0.05 * expected[name], name
+            assert p.std().item() == pytest.approx(expected[name], rel=0.03), name
+        elif name.endswith("bias"):  # of every Linear and LayerNorm
+            assert torch.all(p == 0), name
+        else:  # LayerNorm gains
+            assert name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")) and torch.all(p == 1), name
+    assert set(expected) <= {name for name, _ in model.named_parameters()}
+
+
+def test_cropping_the_block_keeps_the_first_positions():
+    model = tiny(block_size=32).eval()
+    wpe = model.transformer.wpe.weight.detach().clone()
+    idx = torch.randint(0, 50, (2, 8))
+    with torch.no_grad():
+        before = model(idx)[0]
+        model.crop_block_size(8)
+        after = model(idx)[0]
+    assert model.config.block_size == 8 and torch.equal(model.transformer.wpe.weight, wpe[:8])
+    assert torch.equal(after, before)  # positions 0..7 mean what they meant before
+
+
 @pytest.mark.parametrize("name, published", [("gpt2", 124_439_808), ("gpt2-medium", 354_823_168),
                                              ("gpt2-large", 774_030_080), ("gpt2-xl", 1_557_611_200)])
 def test_gpt2_sizes_have_the_published_parameter_counts(name, published):

@@ -56,6 +56,19 @@ def test_prepare_bpe_learns_from_train_text_and_keeps_endoftext_one_token(tmp_pa
     assert train.count(tok.special_tokens[ENDOFTEXT]) == 1  # the separator, not 13 characters of text
 
 
+def test_bpe_learns_its_merges_from_the_train_split_only(tmp_path):
+    # the held-out tenth ends in a run of "zx", letters the train text never has: merging them would leak it
+    text = small_text(300) + "zx" * 400 + "\n"
+    assert "z" not in text[: int(0.9 * len(text))] and "x" not in text[: int(0.9 * len(text))]
+    (tmp_path / "book.txt").write_text(text, encoding="utf-8")
+    out = tmp_path / "data"
+    prepare.prepare(input=str(tmp_path / "book.txt"), tokenizer="bpe", vocab_size=300, data_dir=str(out))
+    tok = from_dict(json.loads((out / "meta.json").read_text(encoding="utf-8"))["tokenizer"])
+    merged = [tok.decode_bytes([i]) for i in range(256, 256 + len(tok.merges))]
+    assert len(merged) == 299 - 256 and not [t for t in merged if b"z" in t or b"x" in t]
+    assert np.fromfile(out / "val.bin", dtype=np.uint16).tolist()[-801:] == list(b"zx" * 400 + b"\n")  # bytes
+
+
 def test_the_split_never_cuts_endoftext_in_two(tmp_path):
     head = "x" * 86
     text = head + ENDOFTEXT + "y" * 1  # 100 characters: the 90% point falls inside <|endoftext|>

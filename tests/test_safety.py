@@ -3,6 +3,7 @@
 import importlib
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -83,6 +84,21 @@ def test_a_resume_applies_new_optimizer_settings_and_keeps_the_lr_schedule(scrip
     assert [g["weight_decay"] for g in groups] == [0.5, 0.0] and all(g["betas"] == (0.9, 0.9) for g in groups)
 
 
+def test_a_resumed_run_still_knows_its_best_val_loss(script, corpus, capsys):
+    # lr 0.3 makes the val loss go up and down: best at step 8, worse at 12 (where the first run stops) and at 16
+    args = [*TINY, "--eval_interval=4", "--learning_rate=0.3", "--lr_decay_iters=40"]
+    script("train", *args, "--max_iters=12")
+    first = capsys.readouterr().out
+    best = (corpus / "out" / "best.pt").read_bytes()
+    script("train", "--init_from=resume", "--max_iters=16")
+    resumed = capsys.readouterr().out
+    vals = [float(v) for v in re.findall(r"^step \d+: .*val loss ([\d.]+)", first + resumed, re.M)]
+    assert len(vals) == 6 and min(vals) < min(vals[3:])  # steps 0-12, then 12 again and 16: none beats the first run
+    assert "(best)" not in resumed  # the resumed run compares with the best so far, not with nothing
+    assert (corpus / "out" / "best.pt").read_bytes() == best
+    assert load(corpus / "out" / "last.pt")["best_val_loss"] == pytest.approx(min(vals), abs=1e-4)
+
+
 def test_every_random_state_survives_a_checkpoint_round_trip(tmp_path):
     import io
     import random
@@ -161,6 +177,33 @@ def test_killing_the_trainer_at_random_moments_never_breaks_the_checkpoint(scrip
 # what gets loaded, and what gets saved
 
 
+def test_every_save_goes_to_a_temporary_file_that_is_fsynced_then_renamed_over_the_old_one(script, corpus,
+                                                                                            monkeypatch):
+    events = []  # ("fsync", inode, size) and ("replace", inode, size, src, dst), in the order they happen
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.fstat(fd).st_ino, os.fstat(fd).st_size))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.stat(src).st_ino, os.stat(src).st_size, os.path.abspath(src),
+                       os.path.abspath(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    script("train", *TINY, "--max_iters=2", "--eval_interval=1")
+    saves = [(i, e) for i, e in enumerate(events) if e[0] == "replace" and e[4].endswith(".pt")]
+    assert [os.path.basename(e[4]) for _, e in saves].count("last.pt") == 3  # steps 0, 1 and 2
+    for i, (_, inode, size, src, dst) in saves:
+        assert src != dst and os.path.dirname(src) == os.path.dirname(dst)  # a temporary file beside it
+        assert ("fsync", inode, size) in events[:i]  # its bytes on the disk, all of them, before the rename
+        folder = os.stat(os.path.dirname(dst)).st_ino
+        assert any(e[:2] == ("fsync", folder) for e in events[i + 1 :])  # then the rename itself
+    assert saves[-1][1][1] == os.stat(saves[-1][1][4]).st_ino  # the last one is the file that is there now
+
+
 class Payload:
     """Unpickling this object would create a file: proof that loading ran code."""
 
@@ -209,6 +252,37 @@ def test_a_checkpoint_that_contradicts_its_own_model_config_is_a_clear_error(scr
         script("generate", "--init_from=edited.pt")
 
 
+@pytest.mark.parametrize("model_config, message", [
+    (None, "bad.pt is not a gpt-from-scratch checkpoint (missing model_config)"),
+    ([2, 2, 16], "bad.pt does not match its own model_config"),
+    ({"n_layers": 1}, "bad.pt does not match its own model_config"),
+    ({"n_layer": "one"}, "bad.pt does not match its own model_config"),
+    ({"n_head": 0}, "bad.pt does not match its own model_config"),
+])
+def test_a_checkpoint_whose_model_config_is_missing_or_malformed_is_one_line(script, corpus, model_config, message):
+    script("train", *TINY, "--max_iters=1")
+    ckpt = load(corpus / "out" / "last.pt")
+    if model_config is None:
+        del ckpt["model_config"]
+    elif isinstance(model_config, dict):
+        ckpt["model_config"].update(model_config)
+    else:
+        ckpt["model_config"] = model_config
+    torch.save(ckpt, corpus / "bad.pt")
+    with pytest.raises(SystemExit) as e:
+        script("generate", "--init_from=bad.pt")
+    assert str(e.value).startswith("error: ") and message in str(e.value) and "\n" not in str(e.value)
+    if model_config is None:  # and as a user meets it
+        assert message in one_error_line(run_script("generate.py", "--init_from=bad.pt", cwd=corpus))
+
+
+def test_a_prompt_file_that_is_not_utf8_is_one_line(script, corpus):
+    script("train", *TINY, "--max_iters=1")
+    (corpus / "latin1.txt").write_bytes("Caf\xe9 au lait".encode("latin-1"))
+    line = one_error_line(run_script("generate.py", "--init_from=out/last.pt", "--prompt=FILE:latin1.txt", cwd=corpus))
+    assert "cannot read the prompt file latin1.txt (UnicodeDecodeError); give a UTF-8 text file" in line
+
+
 def test_resuming_on_data_with_another_vocabulary_is_a_clear_error(script, corpus):
     script("train", *TINY, "--max_iters=1")
     (corpus / "other.txt").write_text("0123456789 +-*/=\n" * 500, encoding="utf-8")
@@ -238,6 +312,7 @@ def test_mistakes_end_in_one_line_and_a_non_zero_exit(corpus):
     (["--n_embd=30", "--n_head=4"], "--n_embd=30 must be a multiple of --n_head=4"),
     (["--batch_size=0"], "--batch_size=0 must be at least 1"),
     (["--learning_rate=-1"], "--learning_rate=-1.0 must be at least 0"),
+    (["--learning_rate=True"], "--learning_rate must be float (like 0.01), got True"),
     (["--dropout=1.5"], "--dropout=1.5 must be in [0, 1)"),
     (["--min_lr=0.1", "--learning_rate=0.01"], "--min_lr=0.1 is above --learning_rate=0.01"),
     (["--dtype=float16", "--device=cpu"], "--dtype=float16 needs a CUDA GPU, and this runs on cpu"),

@@ -1,0 +1,45 @@
+"""bigram.py is a script that trains as soon as it runs, for a minute or more: here its first part (settings, data,
+get_batch and the model, everything above the training) runs alone, on a small text."""
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from conftest import ROOT
+
+
+def bigram_before_training(folder, monkeypatch):
+    """The globals of bigram.py run up to the line that creates the model, in `folder` (which holds input.txt)."""
+    with open(os.path.join(ROOT, "bigram.py"), encoding="utf-8") as f:
+        source = f.read()
+    head, found, _ = source.partition("\nmodel = BigramLanguageModel(")
+    assert found, "bigram.py no longer creates its model with `model = BigramLanguageModel(...)`"
+    monkeypatch.chdir(folder)
+    script = {"__name__": "bigram"}
+    exec(compile(head, "bigram.py", "exec"), script)
+    return script
+
+
+def test_bigram_targets_are_the_inputs_shifted_by_one(corpus, monkeypatch):
+    script = bigram_before_training(corpus, monkeypatch)
+    B, T = script["batch_size"], script["block_size"]
+    for split, data in (("train", script["train_data"]), ("val", script["val_data"])):
+        before = torch.get_rng_state()
+        x, y = script["get_batch"](split)
+        torch.set_rng_state(before)
+        starts = torch.randint(len(data) - T, (B,))  # the window starts get_batch drew
+        positions = starts[:, None] + torch.arange(T)  # (B, T)
+        assert torch.equal(x, data[positions]) and torch.equal(y, data[positions + 1]), split
+
+
+def test_bigram_loss_is_the_cross_entropy_of_the_next_token_under_its_table(corpus, monkeypatch):
+    script = bigram_before_training(corpus, monkeypatch)
+    torch.manual_seed(0)
+    model = script["BigramLanguageModel"](script["vocab_size"])
+    x, y = script["get_batch"]("train")
+    logits, loss = model(x, y)
+    table = model.token_embedding_table.weight  # row i: the scores of the token after token i
+    assert torch.equal(logits, table[x])
+    log_probs = F.log_softmax(table[x], dim=-1)  # (B, T, V)
+    torch.testing.assert_close(loss, -log_probs.gather(-1, y[..., None]).mean())
