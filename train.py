@@ -36,6 +36,7 @@ import prepare
 import tokenizer as tokenizers
 from files import make_folder, remove_stale_temporaries, write_atomically
 from gpt import GPT2_SIZES, GPT, GPTConfig
+from muon import Muon
 from checkpoint import from_pretrained, load_checkpoint, model_from_checkpoint, rng_state, set_rng_state
 
 # -----------------------------------------------------------------------------
@@ -52,6 +53,13 @@ n_embd = 64  # width of the residual stream; cost grows with its square
 block_size = 64  # context length in tokens; attention cost grows with it
 dropout = 0.0  # regularisation; helps bigger models on small data (0.2 for the 6-layer GPU run)
 bias = True  # biases in Linear and LayerNorm layers, as in GPT-2
+# past GPT-2's architecture (gpt.py's GPTConfig explains each; models trained from scratch only)
+rope = False  # rotary position embeddings instead of a learned position table
+rmsnorm = False  # RMSNorm instead of LayerNorm
+qk_norm = False  # normalised queries and keys in attention
+relu2 = False  # ReLU^2 instead of GELU in the MLP
+zero_init = False  # output projections start at zero
+tie_embeddings = True  # lm_head shares the token embedding's table
 # batches
 batch_size = 16  # sequences per micro-step (per process under torchrun)
 gradient_accumulation_steps = 1  # micro-steps per optimizer step, counted over all processes
@@ -65,6 +73,9 @@ weight_decay = 0.1  # applied to matrices and embeddings only, never to biases o
 beta1 = 0.9  # AdamW momentum
 beta2 = 0.99  # AdamW second-moment decay; 0.99 suits small batches better than GPT-2's 0.95
 grad_clip = 1.0  # clip the gradient's global norm to this; 0 turns clipping off
+muon = False  # Muon for the blocks' weight matrices (muon.py), AdamW for embeddings, gains and biases
+muon_learning_rate = 0.02  # Muon's peak lr, on the same warmup and decay as learning_rate
+muon_momentum = 0.95  # Muon's (Nesterov) momentum
 # evaluation and logging
 eval_interval = 500  # evaluate, and write checkpoints, every this many steps
 eval_iters = 25  # batches per evaluation, from fixed, evenly spaced windows of each split
@@ -77,7 +88,8 @@ compile = False  # torch.compile the model: faster steps after a compile that co
 seed = 1337  # same seed and settings on a CPU: the same run, step for step
 # -----------------------------------------------------------------------------
 
-MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias")
+SWITCHES = ("rope", "rmsnorm", "qk_norm", "relu2", "zero_init", "tie_embeddings")  # GPTConfig's, past GPT-2
+MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", *SWITCHES)
 DEFAULT_DATA = {os.path.join("data", t): t for t in ("char", "bpe", "gpt2")}  # data train.py may prepare itself
 
 # processes: torchrun starts one per device and tells each where it stands; a plain `python train.py` is one
@@ -114,9 +126,9 @@ def train(ckpt, dev):
     device_type, precision = dev.split(":")[0], resolve_precision(model, dev)
     autocast = nullcontext() if precision == "float32" else torch.autocast(device_type, getattr(torch, precision))
     scaler = torch.amp.GradScaler(device_type, enabled=precision == "float16")
-    optimizer = make_optimizer(model, device_type)
+    optimizers = make_optimizers(model, device_type)
     data_rng = torch.Generator().manual_seed(seed)  # draws every batch: the same in all processes
-    iter_num, best_val_loss = restore(ckpt, optimizer, scaler, data_rng) if ckpt else (0, float("inf"))
+    iter_num, best_val_loss = restore(ckpt, optimizers, scaler, data_rng) if ckpt else (0, float("inf"))
 
     # compiled, and wrapped for several processes; raw_model stays the plain module that checkpoints save
     raw_model = model
@@ -138,17 +150,17 @@ def train(ckpt, dev):
                 improved, best_val_loss = losses["val"] < best_val_loss, min(best_val_loss, losses["val"])
                 log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
                     f"{' (best)' if improved else ''}, {progress.elapsed():.1f} s", flush=True)
-                save(["last.pt", "best.pt"] if improved else ["last.pt"], raw_model, optimizer, scaler, data_rng,
+                save(["last.pt", "best.pt"] if improved else ["last.pt"], raw_model, optimizers, scaler, data_rng,
                      meta, iter_num, best_val_loss)
                 progress.restart(iter_num)  # leave evaluation out of the step timing
             if iter_num >= max_iters:
                 break
-            loss = step(model, optimizer, scaler, autocast, data["train"], data_rng, iter_num, dev, stop)
+            loss = step(model, optimizers, scaler, autocast, data["train"], data_rng, iter_num, dev, stop)
             iter_num += 1
             if iter_num % log_interval == 0:
                 progress.log(iter_num, loss, get_lr(iter_num - 1))
             if stop:
-                save(["last.pt"], raw_model, optimizer, scaler, data_rng, meta, iter_num, best_val_loss)
+                save(["last.pt"], raw_model, optimizers, scaler, data_rng, meta, iter_num, best_val_loss)
                 log(f"saved {out_dir}/last.pt at step {iter_num}; continue with --init_from=resume")
                 raise SystemExit(130)
 
@@ -170,7 +182,8 @@ def configure(args):
     ckpt = None
     if init_from == "resume":  # the run continues with its saved settings; flags given now (--max_iters) win
         ckpt = load_checkpoint(os.path.join(out_dir, "last.pt"))
-        missing = [k for k in ("optimizer", "scaler", "rng", "iter_num", "best_val_loss", "config") if k not in ckpt]
+        run_state = ("optimizer", "scaler", "rng", "iter_num", "best_val_loss", "config")
+        missing = [k for k in run_state if k not in ckpt]
         if missing or not isinstance(ckpt["config"], dict):
             raise SystemExit(f"error: {out_dir}/last.pt lacks {', '.join(missing) or 'its settings'}, so the run cannot "
                              f"continue exactly; sample from it with generate.py, or start a new run with "
@@ -180,9 +193,11 @@ def configure(args):
                 globals()[k] = v
         if dtype == "auto" and "precision" in ckpt:  # the precision it chose, not a new choice by a new probe
             globals()["dtype"] = ckpt["precision"]
-        clash = [k for k in MODEL_KEYS if k in overridden and globals()[k] != ckpt["model_config"].get(k)]
+        fixed = {k: ckpt["model_config"].get(k, getattr(GPTConfig, k)) for k in MODEL_KEYS}
+        fixed["muon"] = ckpt["config"].get("muon", False)  # which optimizer holds which moments
+        clash = [k for k in fixed if k in overridden and globals()[k] != fixed[k]]
         if clash:
-            saved = ", ".join(f"{k}={ckpt['model_config'].get(k)}" for k in clash)
+            saved = ", ".join(f"{k}={fixed[k]}" for k in clash)
             raise SystemExit(f"error: the checkpoint in {out_dir} has {saved}; drop those flags to resume, "
                              f"or start a new run with --init_from=scratch --out_dir=NEW_DIR")
     elif init_from != "scratch" and init_from not in GPT2_SIZES and not os.path.isdir(init_from):
@@ -249,6 +264,10 @@ def build_model(ckpt, meta, dev):
     elif init_from == "scratch":
         model = GPT(GPTConfig(vocab_size=meta["vocab_size"], **{k: globals()[k] for k in MODEL_KEYS}))
     else:  # fine-tuning GPT-2: the shape comes with the weights
+        changed = [k for k in SWITCHES if globals()[k] != getattr(GPTConfig, k)]
+        if changed:
+            raise SystemExit(f"error: --{changed[0]}={globals()[changed[0]]} changes the architecture, and GPT-2's "
+                             f"weights need GPT-2's; drop it to fine-tune {init_from}")
         model = from_pretrained(init_from, dropout=dropout)
         if model.config.vocab_size != meta["vocab_size"]:
             raise SystemExit(f"error: {init_from} has a vocabulary of {model.config.vocab_size} but the data in "
@@ -288,32 +307,42 @@ def current_settings():
     return {k: globals()[k] for k in configurator.setting_names(globals())}
 
 
-def make_optimizer(model, device_type):
-    """AdamW with weight decay on matrices and embeddings (dim >= 2), none on biases and LayerNorm gains."""
+def make_optimizers(model, device_type):
+    """[AdamW], with weight decay on matrices and embeddings (dim >= 2), none on biases and LayerNorm gains; with
+    --muon=True, [AdamW, Muon], Muon taking the weight matrices inside the blocks."""
     params = [p for p in model.parameters() if p.requires_grad]
+    matrices = [p for name, p in model.named_parameters() if muon and p.requires_grad and p.dim() == 2 and ".h." in name]
+    params = [p for p in params if not any(p is m for m in matrices)]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     fused = device_type in ("cuda", "cpu")  # one kernel for the whole update
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2), fused=fused)
+    adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2), fused=fused)
+    return [adamw, Muon(matrices, lr=muon_learning_rate, momentum=muon_momentum)] if muon else [adamw]
 
 
-def save(names, model, optimizer, scaler, data_rng, meta, iter_num, best_val_loss):
+def save(names, model, optimizers, scaler, data_rng, meta, iter_num, best_val_loss):
     """Write everything needed to rebuild the model and continue the run exactly to out_dir/name, for each name.
     Every process takes part (each one's random state is gathered); only one writes."""
-    state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+    adamw, *rest = optimizers
+    state = dict(model=model.state_dict(), optimizer=adamw.state_dict(), scaler=scaler.state_dict(),
+                 **({"muon": rest[0].state_dict()} if rest else {}),
                  model_config=asdict(model.config), precision=dtype, tokenizer=meta["tokenizer"],
                  config=current_settings(), iter_num=iter_num, best_val_loss=best_val_loss, rng=rng_state(data_rng))
     for name in names if MASTER else ():
         write_atomically(os.path.join(out_dir, name), lambda f: torch.save(state, f))
 
 
-def restore(ckpt, optimizer, scaler, data_rng):
-    """Put the optimizer, the grad scaler and every random state back where the checkpoint left them; return
+def restore(ckpt, optimizers, scaler, data_rng):
+    """Put the optimizers, the grad scaler and every random state back where the checkpoint left them; return
     (iter_num, best_val_loss)."""
+    adamw, *rest = optimizers
     try:
-        optimizer.load_state_dict(ckpt["optimizer"])  # its moments, and the hyperparameters it was saved with:
-        for group, decay in zip(optimizer.param_groups, (weight_decay, 0.0)):  # those given now win
+        adamw.load_state_dict(ckpt["optimizer"])  # its moments, and the hyperparameters it was saved with:
+        for group, decay in zip(adamw.param_groups, (weight_decay, 0.0)):  # those given now win
             group.update(weight_decay=decay, betas=(beta1, beta2))
+        if rest:
+            rest[0].load_state_dict(ckpt["muon"])
+            rest[0].param_groups[0].update(momentum=muon_momentum)
         if ckpt["scaler"]:  # empty unless the run used float16
             scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"], data_rng, RANK)
@@ -347,11 +376,14 @@ def get_lr(it):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
 
 
-def step(model, optimizer, scaler, autocast, train_data, data_rng, it, dev, stop):
+def step(model, optimizers, scaler, autocast, train_data, data_rng, it, dev, stop):
     """Optimizer step `it` over gradient_accumulation_steps micro-batches; returns the mean loss (a tensor).
     The step's windows are drawn for all processes at once, and process r takes every WORLD_SIZE-th micro-batch."""
-    for group in optimizer.param_groups:
+    adamw, *rest = optimizers
+    for group in adamw.param_groups:
         group["lr"] = get_lr(it)
+    for group in rest[0].param_groups if rest else ():  # Muon: the same schedule, scaled to its own peak
+        group["lr"] = get_lr(it) / learning_rate * muon_learning_rate if learning_rate else 0.0
     starts = torch.randint(len(train_data) - block_size, (gradient_accumulation_steps, batch_size),
                            generator=data_rng).numpy()
     accum = gradient_accumulation_steps // WORLD_SIZE  # micro-steps in this process
@@ -375,11 +407,13 @@ def step(model, optimizer, scaler, autocast, train_data, data_rng, it, dev, stop
         raise SystemExit(f"error: the loss became {loss_sum.item()} at step {it}; stopped without saving, so "
                          f"{out_dir}/last.pt keeps the last good weights; try a lower --learning_rate or check the data")
     if grad_clip > 0:
-        scaler.unscale_(optimizer)
+        for optimizer in optimizers:
+            scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
+    for optimizer in optimizers:
+        scaler.step(optimizer)
+        optimizer.zero_grad(set_to_none=True)
     scaler.update()
-    optimizer.zero_grad(set_to_none=True)
     return loss_sum
 
 

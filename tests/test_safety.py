@@ -254,7 +254,7 @@ def test_a_checkpoint_that_contradicts_its_own_model_config_is_a_clear_error(scr
 
 @pytest.mark.parametrize("model_config, message", [
     (None, "bad.pt is not a gpt-from-scratch checkpoint (missing model_config)"),
-    ([2, 2, 16], "bad.pt does not match its own model_config"),
+    ([2, 2, 16], "bad.pt is not a gpt-from-scratch checkpoint (missing model_config)"),
     ({"n_layers": 1}, "bad.pt does not match its own model_config"),
     ({"n_layer": "one"}, "bad.pt does not match its own model_config"),
     ({"n_head": 0}, "bad.pt does not match its own model_config"),
@@ -367,3 +367,34 @@ def test_generate_rejects_bad_settings(script, args, message):
     script("train", *TINY, "--max_iters=1")
     with pytest.raises(SystemExit, match=message.replace("(", r"\(").replace("]", r"\]")):
         script("generate", "--init_from=out/last.pt", *args)
+
+
+@pytest.mark.parametrize("switch", ["--rope=True", "--rmsnorm=True", "--qk_norm=True", "--relu2=True",
+                                    "--zero_init=True", "--tie_embeddings=False", "--muon=True", "all"])
+def test_each_switch_past_gpt2_trains_and_resumes_bit_identically(script, corpus, switch):
+    every = ["--rope=True", "--rmsnorm=True", "--qk_norm=True", "--relu2=True", "--zero_init=True",
+             "--tie_embeddings=False", "--muon=True"]
+    args = [*TINY, "--dropout=0.1", "--eval_interval=4", "--lr_decay_iters=12", *(every if switch == "all" else [switch])]
+    script("train", *args, "--max_iters=12", "--out_dir=straight")
+    script("train", *args, "--max_iters=6", "--out_dir=broken")
+    script("train", "--init_from=resume", "--max_iters=12", "--out_dir=broken")
+    a, b = load(corpus / "straight" / "last.pt"), load(corpus / "broken" / "last.pt")
+    assert_same_state(a["model"], b["model"])
+    for name in ("optimizer", "muon") if "muon" in " ".join(args) else ("optimizer",):
+        for pa, pb in zip(a[name]["state"].values(), b[name]["state"].values()):
+            assert_same_state(pa, pb)
+    on = {k.split("=")[0][2:]: k.endswith("True") for k in (every if switch == "all" else [switch])}
+    assert all(a["model_config"].get(k, a["config"].get(k)) == v for k, v in on.items())
+    baseline = load(corpus / "straight" / "last.pt")  # and the switch changed what was trained
+    script("train", *TINY, "--dropout=0.1", "--eval_interval=4", "--max_iters=12", "--out_dir=plain")
+    plain = load(corpus / "plain" / "last.pt")
+    assert plain["model"].keys() != baseline["model"].keys() or any(
+        not torch.equal(plain["model"][k], baseline["model"][k]) for k in plain["model"])
+
+
+def test_resuming_with_another_optimizer_or_architecture_is_a_clear_error(script):
+    script("train", *TINY, "--max_iters=1", "--muon=True")
+    with pytest.raises(SystemExit, match="checkpoint in out has muon=True; drop those flags"):
+        script("train", "--init_from=resume", "--muon=False")
+    with pytest.raises(SystemExit, match="checkpoint in out has rope=False; drop those flags"):
+        script("train", "--init_from=resume", "--rope=True")
