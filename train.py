@@ -8,10 +8,11 @@ train.py: train a GPT (gpt.py) on the token ids that prepare.py wrote.
     torchrun --standalone --nproc_per_node=8 train.py --gradient_accumulation_steps=8   # the same on 8 GPUs
 
 Reads data_dir/train.bin, val.bin and meta.json (preparing them first if data_dir is a default one and empty).
-Writes to out_dir: config.json (the resolved settings), last.pt (at every evaluation, at the end, and on Ctrl-C)
-and best.pt (whenever the val loss improves). Settings are the globals below: override them as --key=value or
-with a config file of `key = value` lines (see configurator.py). The functions read the settings from there;
-everything else they need comes in as arguments.
+Writes to out_dir: config.json (the resolved settings), last.pt (at every evaluation, at the end, and on Ctrl-C),
+best.pt (whenever the val loss improves) and log.jsonl (a JSON object per progress line and evaluation, which
+`python look.py curves` draws). Settings are the globals below: override them as --key=value or with a config
+file of `key = value` lines (see configurator.py). The functions read the settings from there; everything else
+they need comes in as arguments.
 
 The run, in the order of main(): settings -> processes and device -> data -> model -> precision and optimizer ->
 the loop (evaluate and save, step, log) -> the end (a sample).
@@ -42,7 +43,7 @@ from checkpoint import from_pretrained, load_checkpoint, model_from_checkpoint, 
 # -----------------------------------------------------------------------------
 # where from, where to
 data_dir = "data/char"  # prepared data: train.bin, val.bin, meta.json
-out_dir = "out"  # checkpoints and config.json
+out_dir = "out"  # checkpoints, config.json and log.jsonl
 init_from = "scratch"  # 'scratch', 'resume' (continue out_dir/last.pt), or fine-tune GPT-2: 'gpt2', 'gpt2-medium',
 #                        'gpt2-large', 'gpt2-xl' or a folder with a GPT-2's config.json and model.safetensors
 # the model (when resuming or fine-tuning, the checkpoint's shape is used; block_size may crop GPT-2's 1024).
@@ -81,6 +82,7 @@ eval_interval = 500  # evaluate, and write checkpoints, every this many steps
 eval_iters = 25  # batches per evaluation, from fixed, evenly spaced windows of each split
 log_interval = 100  # print a progress line every this many steps
 sample_length = 500  # characters/tokens of text to print at the end (0 for none)
+eval_sample_length = 0  # characters/tokens of text to print at every evaluation, to watch it improve (0 for none)
 # system
 device = "auto"  # 'auto' (cuda, then mps, then cpu), or 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = "auto"  # 'auto', 'float32', 'bfloat16' or 'float16' (autocast; float16 adds a GradScaler)
@@ -128,7 +130,7 @@ def train(ckpt, dev):
     scaler = torch.amp.GradScaler(device_type, enabled=precision == "float16")
     optimizers = make_optimizers(model, device_type)
     data_rng = torch.Generator().manual_seed(seed)  # draws every batch: the same in all processes
-    iter_num, best_val_loss = restore(ckpt, optimizers, scaler, data_rng) if ckpt else (0, float("inf"))
+    iter_num, best_val_loss, seconds = restore(ckpt, optimizers, scaler, data_rng) if ckpt else (0, math.inf, 0.0)
 
     # compiled, and wrapped for several processes; raw_model stays the plain module that checkpoints save
     raw_model = model
@@ -137,9 +139,10 @@ def train(ckpt, dev):
     if DDP:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev] if device_type == "cuda" else None)
     write_settings(dev)
+    start_log(iter_num)
 
     # the loop: evaluate and save every eval_interval steps, then one optimizer step, with a progress line
-    progress = Progress(raw_model, dev, iter_num)
+    progress = Progress(raw_model, dev, iter_num, seconds)
     with StopRequests() as stop:
         while True:
             if iter_num % eval_interval == 0 or iter_num == max_iters:
@@ -150,8 +153,12 @@ def train(ckpt, dev):
                 improved, best_val_loss = losses["val"] < best_val_loss, min(best_val_loss, losses["val"])
                 log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
                     f"{' (best)' if improved else ''}, {progress.elapsed():.1f} s", flush=True)
+                append_log(step=iter_num, seconds=progress.elapsed(), train_loss=losses["train"],
+                           val_loss=losses["val"])
                 save(["last.pt", "best.pt"] if improved else ["last.pt"], raw_model, optimizers, scaler, data_rng,
-                     meta, iter_num, best_val_loss)
+                     meta, iter_num, best_val_loss, progress.elapsed())
+                if MASTER and eval_sample_length > 0:
+                    print_sample(raw_model, meta, eval_sample_length)
                 progress.restart(iter_num)  # leave evaluation out of the step timing
             if iter_num >= max_iters:
                 break
@@ -160,7 +167,8 @@ def train(ckpt, dev):
             if iter_num % log_interval == 0:
                 progress.log(iter_num, loss, get_lr(iter_num - 1))
             if stop:
-                save(["last.pt"], raw_model, optimizers, scaler, data_rng, meta, iter_num, best_val_loss)
+                save(["last.pt"], raw_model, optimizers, scaler, data_rng, meta, iter_num, best_val_loss,
+                     progress.elapsed())
                 log(f"saved {out_dir}/last.pt at step {iter_num}; continue with --init_from=resume")
                 raise SystemExit(130)
 
@@ -168,7 +176,7 @@ def train(ckpt, dev):
     log(f"done: {iter_num} steps in {progress.elapsed():.1f} s, best val loss {best_val_loss:.4f}, "
         f"{bench.peak_memory(device_type)}", flush=True)
     if MASTER and sample_length > 0:
-        print_sample(raw_model, meta)
+        print_sample(raw_model, meta, sample_length, fast=True)
 
 
 # -----------------------------------------------------------------------------
@@ -214,7 +222,7 @@ def check_settings():
     configurator.check_at_least(globals(), dict(
         n_layer=1, n_head=1, n_embd=1, block_size=1, batch_size=1, gradient_accumulation_steps=1, eval_interval=1,
         eval_iters=1, log_interval=1, max_iters=0, warmup_iters=0, lr_decay_iters=0, learning_rate=0, min_lr=0,
-        weight_decay=0, grad_clip=0, sample_length=0))
+        weight_decay=0, grad_clip=0, sample_length=0, eval_sample_length=0))
     configurator.check_seed(seed)
     if n_embd % n_head:
         raise SystemExit(f"error: --n_embd={n_embd} must be a multiple of --n_head={n_head}")
@@ -320,21 +328,22 @@ def make_optimizers(model, device_type):
     return [adamw, Muon(matrices, lr=muon_learning_rate, momentum=muon_momentum)] if muon else [adamw]
 
 
-def save(names, model, optimizers, scaler, data_rng, meta, iter_num, best_val_loss):
+def save(names, model, optimizers, scaler, data_rng, meta, iter_num, best_val_loss, seconds):
     """Write everything needed to rebuild the model and continue the run exactly to out_dir/name, for each name.
     Every process takes part (each one's random state is gathered); only one writes."""
     adamw, *rest = optimizers
     state = dict(model=model.state_dict(), optimizer=adamw.state_dict(), scaler=scaler.state_dict(),
                  **({"muon": rest[0].state_dict()} if rest else {}),
                  model_config=asdict(model.config), precision=dtype, tokenizer=meta["tokenizer"],
-                 config=current_settings(), iter_num=iter_num, best_val_loss=best_val_loss, rng=rng_state(data_rng))
+                 config=current_settings(), iter_num=iter_num, best_val_loss=best_val_loss, seconds=seconds,
+                 rng=rng_state(data_rng))
     for name in names if MASTER else ():
         write_atomically(os.path.join(out_dir, name), lambda f: torch.save(state, f))
 
 
 def restore(ckpt, optimizers, scaler, data_rng):
     """Put the optimizers, the grad scaler and every random state back where the checkpoint left them; return
-    (iter_num, best_val_loss)."""
+    (iter_num, best_val_loss, seconds of training so far)."""
     adamw, *rest = optimizers
     try:
         adamw.load_state_dict(ckpt["optimizer"])  # its moments, and the hyperparameters it was saved with:
@@ -347,12 +356,40 @@ def restore(ckpt, optimizers, scaler, data_rng):
             scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"], data_rng, RANK)
         iter_num, best_val_loss = int(ckpt["iter_num"]), float(ckpt["best_val_loss"])
+        seconds = float(ckpt.get("seconds", 0.0))
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
         raise SystemExit(f"error: {out_dir}/last.pt holds a damaged optimizer, iteration or random state "
                          f"({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}); resume from an "
                          f"earlier copy, or start a new run with --init_from=scratch --out_dir=NEW_DIR")
     ckpt.clear()  # free the loaded tensors before training
-    return iter_num, best_val_loss
+    return iter_num, best_val_loss, seconds
+
+
+def start_log(iter_num):
+    """Begin out_dir/log.jsonl: empty for a new run; for a resumed one, the rows up to its checkpoint at step
+    iter_num, so that no step appears twice or goes missing (the evaluation at iter_num runs again)."""
+    if not MASTER:
+        return
+    path, rows = os.path.join(out_dir, "log.jsonl"), []
+    if init_from == "resume" and os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                    step = row["step"]
+                except (json.JSONDecodeError, KeyError, TypeError):  # a line cut short by a kill, say
+                    break
+                if step < iter_num or (step == iter_num and "val_loss" not in row):
+                    rows.append(row)
+    text = "".join(json.dumps(row) + "\n" for row in rows)
+    write_atomically(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def append_log(**row):
+    """One more row of out_dir/log.jsonl, written before the checkpoint that covers it."""
+    if MASTER:
+        with open(os.path.join(out_dir, "log.jsonl"), "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 # -----------------------------------------------------------------------------
@@ -464,15 +501,16 @@ class StopRequests:
 
 class Progress:
     """Times the steps between progress lines (evaluations left out), and prints loss, lr, speed and MFU: the
-    model's FLOPs per second over the device's peak (see bench.py)."""
+    model's FLOPs per second over the device's peak (see bench.py). elapsed() counts on from a resumed run's
+    seconds."""
 
-    def __init__(self, model, dev, iter_num):
+    def __init__(self, model, dev, iter_num, seconds=0.0):
         self.tokens_per_iter = batch_size * gradient_accumulation_steps * block_size
         self.flops_per_iter = bench.flops_per_token(model) * self.tokens_per_iter
         self.peak = bench.peak_flops(dev.split(":")[0], getattr(torch, dtype))
         log(f"{model.num_params() / 1e6:.2f}M parameters on {dev} ({dtype}, {WORLD_SIZE} process"
             f"{'es' * (WORLD_SIZE > 1)}), {self.tokens_per_iter:,} tokens per step")
-        self.t_start = time.perf_counter()
+        self.t_start = time.perf_counter() - seconds
         self.restart(iter_num)
 
     def elapsed(self):
@@ -489,21 +527,27 @@ class Progress:
         mfu = f"{self.flops_per_iter / dt / self.peak / WORLD_SIZE:.1%}" if self.peak else "n/a"
         log(f"iter {iter_num}: loss {loss.item():.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
             f"{self.tokens_per_iter / dt:,.0f} tok/s, mfu {mfu}", flush=True)
+        append_log(step=iter_num, seconds=self.elapsed(), loss=loss.item(), lr=lr,
+                   tokens_per_s=self.tokens_per_iter / dt)
         self.restart(iter_num)
 
 
-def print_sample(model, meta):
-    """sample_length tokens of text from the trained model, starting from a newline (or the first character)."""
+def print_sample(model, meta, length, fast=False):
+    """`length` tokens of text from the model, starting from a newline (or the first character). The sample draws
+    from a generator of its own, so training goes on exactly as without it, and the model is back in train mode
+    after. fast: the CPU's faster one-row products (generate.py), for the sample at the end."""
     from generate import sample_text, use_slab_products
 
     tok = tokenizers.from_dict(meta["tokenizer"])
     start = tok.chars[0] if isinstance(tok, tokenizers.CharTokenizer) else "\n"  # sorted: "\n" if there is one
     log("-" * 40 + " a sample " + "-" * 40)
-    use_slab_products(model)
+    if fast:
+        use_slab_products(model)
     try:
-        sample_text(model, tok, start, sample_length, seed=seed)
+        sample_text(model, tok, start, length, seed=seed)
     except KeyboardInterrupt:  # the checkpoints are already written
         raise SystemExit(130)
+    model.train()
 
 
 if __name__ == "__main__":
