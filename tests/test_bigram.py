@@ -16,6 +16,7 @@ def bigram_before_training(folder, monkeypatch):
     head, found, _ = source.partition("\nmodel = BigramLanguageModel(")
     assert found, "bigram.py no longer creates its model with `model = BigramLanguageModel(...)`"
     monkeypatch.chdir(folder)
+    monkeypatch.setattr("sys.argv", ["bigram.py"])  # as `python bigram.py` runs it: no flags
     script = {"__name__": "bigram"}
     exec(compile(head, "bigram.py", "exec"), script)
     return script

@@ -22,14 +22,15 @@ TINY = ["--device=cpu", "--n_layer=1", "--n_head=2", "--n_embd=16", "--block_siz
 
 
 def hashes(folder):
-    """{relative path: sha256} of every file below `folder` but config.json, which a run rewrites as it starts."""
+    """{relative path: sha256} of every file below `folder` but config.json and log.jsonl, which a run rewrites as
+    it starts (a resume cuts the log back to its checkpoint)."""
     out = {}
     for root, _, names in os.walk(folder):
         for name in names:
             path = os.path.join(root, name)
             with open(path, "rb") as f:
                 out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
-    return {k: v for k, v in out.items() if not k.endswith("config.json")}
+    return {k: v for k, v in out.items() if not k.endswith(("config.json", "log.jsonl"))}
 
 
 def assert_failed_cleanly(result, folder, before):
