@@ -24,16 +24,17 @@ API beside it:
 
 Settings a request leaves out are the server's; without a seed it gets a random one (the first event names it).
 The same prompt, seed and settings give exactly the tokens `python generate.py` gives. A bad request gets HTTP
-400 and a one-line JSON error. Several clients are served at once, one token step at a time under a lock, each
-with its own cache and random generator; a client that goes away stops its generation. The model is chosen when
-the server starts, never by a client; the server listens on 127.0.0.1 (this machine only) unless --host says
-otherwise, and only takes JSON POSTs, which a page from another site cannot send without a permission (CORS)
-this server never grants.
+400 and a one-line JSON error. Several clients are served at once: one thread runs the model for all of them, a
+token step for each in turn, every generation with its own cache and random generator; a client that goes away
+stops its generation. The model is chosen when the server starts, never by a client; the server listens on
+127.0.0.1 (this machine only) unless --host says otherwise, and only takes JSON POSTs, which a page from another
+site cannot send without a permission (CORS) this server never grants.
 """
 
 import base64
 import hashlib
 import json
+import queue
 import random
 import re
 import sys
@@ -41,6 +42,7 @@ import threading
 import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
 
 try:
     import readline  # noqa: F401  (input() then edits lines and keeps a history, where the platform has it)
@@ -213,13 +215,16 @@ def reply(model, tok, history, settings, generator):
 
 
 class Server(ThreadingHTTPServer):
-    """The HTTP server and the model it serves: a thread per request; `lock` guards the model and the counts."""
+    """The HTTP server and the model it serves. Each request has a thread of its own that reads it and writes the
+    answer; one more thread runs the model for all of them (run_model)."""
 
     daemon_threads = True  # Ctrl-C does not wait for open streams
 
     def __init__(self, address, model, tok):
         super().__init__(address, Handler)
-        self.model, self.tok, self.lock = model, tok, threading.Lock()
+        self.model, self.tok = model, tok
+        self.inbox = queue.SimpleQueue()  # new generations, for the model's thread
+        self.lock = threading.Lock()  # guards the counts
         self.counts = {"generating": 0, "served": 0, "stopped": 0, "tokens": 0}
         weight = model.lm_head.weight
         self.info = {"init_from": init_from, "parameters": model.num_params(), "block_size": model.config.block_size,
@@ -227,6 +232,30 @@ class Server(ThreadingHTTPServer):
                      "dtype": str(weight.dtype).removeprefix("torch."),
                      "defaults": {name: globals()[name] for name in SAMPLING if name != "seed"},
                      "limits": {"max_prompt": max_prompt, "max_length": max_length}}
+        threading.Thread(target=self.run_model, daemon=True).start()
+
+    def run_model(self):
+        """Take the running generations in turn, one token step each, and hand each token to its request's queue
+        (None at the end). One thread owns the model: a step never waits for another, and PyTorch keeps one set
+        of worker threads rather than one per request, which on a small CPU only compete."""
+        running = []
+        while True:
+            if not running:
+                running.append(self.inbox.get())  # nothing to do: wait for a generation
+            while not self.inbox.empty():
+                running.append(self.inbox.get())
+            for job in list(running):
+                try:
+                    token = None if job.stop else next(job.steps, None)
+                except Exception as e:  # a failure ends that generation (its request re-raises it), not the server
+                    token = e
+                job.tokens.put(token)
+                if token is None or isinstance(token, Exception):
+                    running.remove(job)
+                    job.steps.close()
+                else:
+                    with self.lock:
+                        self.counts["tokens"] += 1
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -269,20 +298,19 @@ class Handler(BaseHTTPRequestHandler):
         """Send the reply's tokens as server-sent events while they are made; stop when the client goes away."""
         server = self.server
         generator = torch.Generator(server.model.lm_head.weight.device).manual_seed(settings["seed"])
-        decode, steps = text_decoder(server.tok), tokens(server.model, ids, settings, generator)
-        made, outcome, t0 = 0, "stopped", time.perf_counter()
+        job = SimpleNamespace(steps=tokens(server.model, ids, settings, generator), tokens=queue.SimpleQueue(),
+                              stop=False)  # each generation has its own cache and random generator
+        server.inbox.put(job)
+        decode, made, outcome, t0 = text_decoder(server.tok), 0, "stopped", time.perf_counter()
         try:
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-store")
             self.end_headers()
             self.event({"seed": settings["seed"], "prompt_tokens": len(ids)})
-            while True:
-                with server.lock:  # one token step at a time: generations take turns, each with its own state
-                    token = next(steps, None)
-                    server.counts["tokens"] += token is not None
-                if token is None:
-                    break
+            for token in iter(job.tokens.get, None):
+                if isinstance(token, Exception):
+                    raise token
                 made += 1
                 self.event({"token": token, "text": decode(token)})
             seconds = time.perf_counter() - t0
@@ -292,7 +320,7 @@ class Handler(BaseHTTPRequestHandler):
         except (ConnectionError, TimeoutError):  # the client left (or stalled): stop its generation
             self.log_message("stopped after %d tokens: the client went away", made)
         finally:
-            steps.close()
+            job.stop = True  # the model's thread drops it at its next turn, if it is still running
             with server.lock:
                 server.counts["generating"] -= 1
                 server.counts[outcome] += 1
@@ -397,7 +425,7 @@ body { font: 15px/1.45 system-ui, sans-serif; max-width: 52rem; margin: 1.5rem a
 h1 { font-size: 1.3rem; margin: 0; }
 textarea, #output { width: 100%; box-sizing: border-box; font: 14px/1.45 ui-monospace, monospace; }
 #controls { display: flex; flex-wrap: wrap; gap: .4rem 1rem; align-items: center; margin: .6rem 0; }
-#controls input { width: 5rem; }
+#controls input { width: 4.5rem; }
 #output { white-space: pre-wrap; background: #f6f6f3; border: 1px solid #ddd; padding: .7rem; min-height: 6rem; }
 #output .prompt { color: #777; }
 #model, #status { color: #555; font-size: 13px; margin: .3rem 0; }
