@@ -327,7 +327,7 @@ def test_the_page_shows_a_bad_request_as_the_servers_one_line(served, browser):
 
 def screenshot(url, prompt, path, length=300):
     """Generate `length` tokens from `prompt` on the page at `url` and save a PNG of it to `path`."""
-    browser = chromium(width=820, height=560)
+    browser = chromium(width=820, height=680)
     try:
         element = open_page(browser, url, prompt, length)
         element("seed").send_keys("7")
