@@ -5,6 +5,7 @@ bench.py: measure training and sampling speed the way a user meets it, and the s
     python bench.py --target_loss=1.88 --repeat=3 -- --max_iters=1000     # time-to-loss, median of 3 runs
     python bench.py --what=sample --n_layer=6 --n_head=6 --n_embd=384 --block_size=256 --max_new_tokens=500
     python bench.py --what=tokenize --gpt2_vocab=gpt2.tiktoken    # BPE training and encoding speed
+    python bench.py --what=chat --max_new_tokens=200         # chat.py's web API under 1, 4 and 16 clients at once
 
 Training (--what=train) launches the real `python train.py <everything after -->` and timestamps its output
 lines as they arrive, so process start-up, data loading, compilation and evaluation all count. It prints, per run
@@ -17,21 +18,29 @@ key/value cache and without it (recomputing the whole context every step), and p
 Tokenizing (--what=tokenize) times BPE training on input.txt, GPT-2's encoding of it, and the worst case for BPE:
 one long chunk with no spaces (20,000 random letters), each the best of --repeat runs (tiktoken too, if installed).
 
+Chat (--what=chat) starts the real `python chat.py --web` on a free port with --init_from, then for each number
+of --clients has that many clients send --requests_per_client generations of --max_new_tokens tokens each, all at
+once, and prints requests/s, tokens/s, the failed requests, and the median latency and time to the first token.
+
 At the bottom: the model FLOPs, device peaks and peak memory behind train.py's MFU and memory figures.
 """
 
+import concurrent.futures
 import functools
+import http.client
+import json
 import os
 import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import configurator
 
 # -----------------------------------------------------------------------------
-what = "train"  # 'train' or 'sample'
+what = "train"  # 'train', 'sample' or 'chat'
 repeat = 1  # runs to take the median of
 target_loss = 0.0  # report when the val loss first reaches this (0: don't)
 # --what=sample: the model's shape (random weights: speed does not depend on what they learned) and the generation
@@ -46,6 +55,10 @@ dtype = "float32"  # the weights' precision for --what=sample: auto, float32, bf
 device = "auto"
 # --what=tokenize: BPE trained on input.txt, and GPT-2's tokenizer (from this file or folder; empty: downloaded)
 gpt2_vocab = ""
+# --what=chat: a chat.py server (its settings and the model's), under load
+init_from = "out/best.pt"  # the model the server loads
+clients = "1,4,16"  # how many clients send requests at once, one round for each number
+requests_per_client = 4  # generations each client asks for, one after another
 # -----------------------------------------------------------------------------
 
 GPU_PEAK_FLOPS = {  # dense bf16/fp16 tensor-core peaks from the vendors' datasheets, FLOP/s; first match wins
@@ -174,6 +187,74 @@ def bench_tokenize():
 
 
 # -----------------------------------------------------------------------------
+# chat.py's web API under load
+
+
+def bench_chat():
+    """Start `python chat.py --web` on a free port, and load it with each number of clients in turn."""
+    counts = [int(n) for n in clients.split(",")]
+    log = tempfile.TemporaryFile("w+")  # the server's stderr: a line per request, and its error if it fails
+    server = subprocess.Popen([sys.executable, "-u", os.path.join(os.path.dirname(__file__), "chat.py"), "--web",
+                               "--port=0", f"--init_from={init_from}", f"--device={device}", f"--dtype={dtype}",
+                               f"--length={max_new_tokens}", f"--max_length={max_new_tokens}",
+                               f"--max_streams={max(counts)}"], stdout=subprocess.PIPE, stderr=log, text=True)
+    try:
+        lines = []
+        while not (m := re.search(r"serving http://[^/]+:(\d+)/", lines[-1] if lines else "")):
+            lines.append(server.stdout.readline())
+            if not lines[-1]:
+                server.wait()
+                log.seek(0)
+                error = log.read().strip() or f"error: chat.py stopped (exit code {server.returncode})"
+                raise SystemExit(error.splitlines()[-1])  # chat.py's own one-line error
+        print(f"{lines[0].strip()}\n{max_new_tokens} tokens per request, {requests_per_client} per client; "
+              f"after one request to warm up:")
+        chat_request(int(m[1]), seed=0)
+        print(f"{'clients':>8s}{'requests':>10s}{'failed':>8s}{'requests/s':>12s}{'tokens/s':>10s}"
+              f"{'latency s':>11s}{'first token s':>15s}")
+        for n in counts:
+            load_chat(int(m[1]), n)
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def load_chat(port, n):
+    """n clients at once, each sending requests_per_client requests one after another; one line of figures."""
+    def client(i):
+        return [chat_request(port, seed=i * requests_per_client + r) for r in range(requests_per_client)]
+
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        results = [r for rs in pool.map(client, range(n)) for r in rs]
+    wall = time.perf_counter() - t0
+    done = [r for r in results if r]
+    print(f"{n:8d}{len(results):10d}{len(results) - len(done):8d}{len(done) / wall:12.2f}"
+          f"{len(done) * max_new_tokens / wall:10,.0f}{statistics.median(r[1] for r in done) if done else 0:11.3f}"
+          f"{statistics.median(r[0] for r in done) if done else 0:15.3f}", flush=True)
+
+
+def chat_request(port, seed):
+    """One streamed generation: (seconds to its first token, seconds in all), or None if it failed or fell short."""
+    t0, first, tokens, done = time.perf_counter(), None, 0, False
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        body = json.dumps({"prompt": "\n", "length": max_new_tokens, "seed": seed})
+        connection.request("POST", "/api/generate", body, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        for line in response if response.status == 200 else []:
+            event = json.loads(line[6:]) if line.startswith(b"data: ") else {}
+            if "token" in event:
+                tokens += 1
+                first = first or time.perf_counter() - t0
+            done = done or event.get("done", False)
+        connection.close()
+    except OSError:
+        return None
+    return (first, time.perf_counter() - t0) if done and tokens == max_new_tokens else None
+
+
+# -----------------------------------------------------------------------------
 # The figures train.py prints: model FLOPs against the device's peak (MFU), and peak memory
 
 
@@ -230,6 +311,10 @@ def check_settings():
                                                     max_new_tokens=1, num_samples=1))
         if n_embd % n_head:
             raise SystemExit(f"error: --n_embd={n_embd} must be a multiple of --n_head={n_head}")
+    if what == "chat":
+        configurator.check_at_least(globals(), dict(max_new_tokens=1, requests_per_client=1))
+        if not all(n.strip().isdigit() and int(n) > 0 for n in clients.split(",")):
+            raise SystemExit(f"error: --clients={clients} must be numbers of clients above 0, like 1,4,16")
 
 
 if __name__ == "__main__":
@@ -243,5 +328,7 @@ if __name__ == "__main__":
         bench_sample()
     elif what == "tokenize":
         bench_tokenize()
+    elif what == "chat":
+        bench_chat()
     else:
-        raise SystemExit(f"error: --what={what} is unknown; use train, sample or tokenize")
+        raise SystemExit(f"error: --what={what} is unknown; use train, sample, tokenize or chat")

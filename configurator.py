@@ -11,7 +11,7 @@ which applies, in order, any config files (plain `key = value` assignments) and 
     python train.py my_config.py --max_iters=100
 
 Values are Python literals, checked against the type of the default (an int may stand for a float; a string
-setting takes the text as written). A mistake ends the program with one line that says what to change, never a
+setting takes the text as written; a bool setting alone, `--compile`, means True). A mistake ends the program with one line that says what to change, never a
 traceback: every user-facing error in this project is a `SystemExit("error: ...")`.
 """
 
@@ -114,7 +114,9 @@ def configure(settings, args):
                 overridden.add(key)
             continue
         key, eq, text = arg[2:].partition("=")
-        if not eq:
+        if not eq and isinstance(settings.get(key), bool):
+            text = "True"  # a bool setting alone switches it on: --web is --web=True
+        elif not eq:
             raise SystemExit(f"error: {arg} needs a value: write --{key}=VALUE")
         if key not in known:
             raise unknown_key_error(key, known)

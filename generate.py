@@ -104,6 +104,18 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, ge
             context, cache = context[:, -keep:], None
 
 
+def text_decoder(tok):
+    """A function from one token id to the text it completes, for streaming: a character whose UTF-8 bytes span
+    several tokens comes out whole with its last token ('' before), and bytes that are not UTF-8 become U+FFFD.
+    Called with no token, at the end, it gives what a character cut off by the last token leaves (U+FFFD)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def decode(token=None):
+        return decoder.decode(b"" if token is None else tok.decode_bytes([token]), final=token is None)
+
+    return decode
+
+
 def sample_text(model, tok, prompt_text, max_new_tokens, num_samples=1, temperature=0.8, top_k=0, top_p=1.0,
                 seed=1337, kv_cache=True, out=sys.stdout):
     """Generate from a prompt string and write the text to `out`, streaming it when there is one sample."""
@@ -114,7 +126,7 @@ def sample_text(model, tok, prompt_text, max_new_tokens, num_samples=1, temperat
         raise SystemExit("error: the prompt is empty after encoding; give some text with --prompt")
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)  # (B, T)
     generator = torch.Generator(device).manual_seed(seed)
-    decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(num_samples)]
+    decoders = [text_decoder(tok) for _ in range(num_samples)]
     texts = [prompt_text for _ in range(num_samples)]
     if num_samples == 1:
         out.write(prompt_text)
@@ -124,12 +136,12 @@ def sample_text(model, tok, prompt_text, max_new_tokens, num_samples=1, temperat
         if step == 0:
             first = time.perf_counter() - t0  # the prompt's pass, plus one-time warm-up (GPU; slabs_pay on a CPU)
         for i, token in enumerate(next_ids.tolist()):
-            piece = decoders[i].decode(tok.decode_bytes([token]))  # a multi-byte character may span tokens
+            piece = decoders[i](token)  # "" while a character's bytes are still incomplete
             texts[i] += piece
             if num_samples == 1:
                 out.write(piece)
                 out.flush()
-    ends = [decoder.decode(b"", final=True) for decoder in decoders]  # a character the last token cut off: U+FFFD
+    ends = [decode() for decode in decoders]  # a character the last token cut off: U+FFFD
     texts = [text + end for text, end in zip(texts, ends)]
     if num_samples == 1:
         out.write(ends[0])

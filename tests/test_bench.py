@@ -68,7 +68,23 @@ def test_bench_sample_times_the_cache_and_the_recomputation_and_gives_their_rati
 
 def test_bench_refuses_bad_input_with_one_line(corpus):
     line = one_error_line(run_script("bench.py", "--what=speed", cwd=corpus))
-    assert "--what=speed" in line and "train, sample or tokenize" in line
+    assert "--what=speed" in line and "train, sample, tokenize or chat" in line
     failed = run_script("bench.py", "--", *TINY, "--n_layer=0", cwd=corpus)  # train.py refuses; bench says so
     assert failed.returncode != 0 and "Traceback" not in failed.stderr
     assert failed.stderr.strip().splitlines()[-1].startswith("error: train.py failed")
+
+
+def test_bench_chat_loads_a_real_server_and_every_request_comes_back_complete(tmp_path):
+    from test_chat import tiny_checkpoint
+
+    path = tiny_checkpoint(tmp_path / "tiny.pt")
+    result = run_script("bench.py", "--what=chat", f"--init_from={path}", "--clients=1,3", "--requests_per_client=2",
+                        "--max_new_tokens=20", "--device=cpu", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines() if re.fullmatch(r" *\d+ +\d+ +\d+ .*", line)]
+    assert [row[:3] for row in rows] == [["1", "2", "0"], ["3", "6", "0"]], result.stdout  # no failed request
+    for clients, requests, failed, per_s, tokens_per_s, latency, first in rows:
+        assert abs(float(tokens_per_s.replace(",", "")) - 20 * float(per_s)) <= 0.02 * 20 * float(per_s) + 1
+        assert 0 <= float(first) <= float(latency)
+    assert one_error_line(run_script("bench.py", "--what=chat", "--init_from=none.pt", cwd=tmp_path)).startswith(
+        "error: no checkpoint at none.pt")

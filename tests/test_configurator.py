@@ -47,6 +47,11 @@ def test_a_flag_without_a_value_is_an_error():
         configurator.configure(settings(), ["--n_layer"])
 
 
+def test_a_bool_setting_alone_switches_it_on():
+    s = settings()
+    assert configurator.configure(s, ["--compile"]) == {"compile"} and s["compile"] is True
+
+
 def test_a_config_file_of_assignments_applies_before_later_flags(tmp_path):
     path = tmp_path / "cfg.py"
     path.write_text("# a run\nn_layer = 8\nlearning_rate = 2\n", encoding="utf-8")

@@ -24,6 +24,18 @@ def test_the_same_seed_gives_the_same_text_and_another_seed_another():
     assert texts[0] == texts[1] != texts[2]
 
 
+def test_streamed_text_holds_a_character_back_until_its_last_byte_comes():
+    from generate import text_decoder
+    from tokenizer import BPETokenizer
+
+    tok = BPETokenizer([])  # no merges: one token per byte, so every character beyond ASCII spans several
+    text = "naïve 😀 日本"
+    decode = text_decoder(tok)
+    pieces = [decode(token) for token in tok.encode(text)]
+    assert pieces[:5] == ["n", "a", "", "ï", "v"] and pieces[7:11] == ["", "", "", "😀"]
+    assert "".join(pieces) == text
+
+
 def test_temperature_zero_is_argmax_decoding():
     model = tiny()
     prompt = torch.randint(0, 30, (2, 3))

@@ -1,0 +1,530 @@
+"""
+chat.py: talk to a model: type a text and watch the model continue it, in this terminal or in a browser.
+
+    python chat.py                                   # the model train.py wrote, out/best.pt, in this terminal
+    python chat.py --init_from=gpt2 --temperature=0.7 --top_k=40      # OpenAI's GPT-2, as in generate.py
+    python chat.py --web                             # the same behind a page at http://127.0.0.1:8000
+    python chat.py --web --port=8080 --host=0.0.0.0  # reachable from other machines: only on a network you trust
+
+In the terminal, each line you type joins the conversation and the model continues the whole conversation from
+there (as much as its block_size holds: generate.py keeps the last 3/4 when it outgrows it). The text streams as
+it is made; an empty line lets the model go on. Commands change the sampling: /temperature 0.7, /top_k 40,
+/top_p 0.9, /length 200, /seed 7; /reset forgets the conversation; /help, /quit. Ctrl-C stops a reply and returns
+to the prompt; Ctrl-D leaves.
+
+With --web, Python's own http.server serves one page (at the end of this file: no CDN, works offline) and a JSON
+API beside it:
+
+    GET  /api/health     {"status": "ok", "generating": 1, "served": 12, "stopped": 1, "tokens": 2600}
+    GET  /api/model      what is loaded: name, parameters, block_size, tokenizer, device, defaults and limits
+    POST /api/generate   {"prompt": "ROMEO:", "temperature": 0.8, "top_k": 0, "top_p": 1.0, "length": 200,
+                          "seed": 7}, Content-Type: application/json -> server-sent events as the tokens are made:
+                         data: {"seed": 7, "prompt_tokens": 6}, then one data: {"token": 1, "text": "\\n"} per
+                         token, then data: {"done": true, "tokens": 200, "seconds": 0.4, "tokens_per_s": 500.0}
+
+Settings a request leaves out are the server's; without a seed it gets a random one (the first event names it).
+The same prompt, seed and settings give exactly the tokens `python generate.py` gives. A bad request gets HTTP
+400 and a one-line JSON error. Several clients are served at once: one thread runs the model for all of them, a
+token step for each in turn, every generation with its own cache and random generator; a client that goes away
+stops its generation. The model is chosen when the server starts, never by a client; the server listens on
+127.0.0.1 (this machine only) unless --host says otherwise, and only takes JSON POSTs, which a page from another
+site cannot send without a permission (CORS) this server never grants.
+"""
+
+import base64
+import hashlib
+import json
+import queue
+import random
+import re
+import sys
+import threading
+import time
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
+
+try:
+    import readline  # noqa: F401  (input() then edits lines and keeps a history, where the platform has it)
+except ImportError:
+    pass
+
+import torch
+
+import configurator
+from generate import generate, load_for_sampling, text_decoder
+
+# -----------------------------------------------------------------------------
+init_from = "out/best.pt"  # a checkpoint of train.py's, or GPT-2: gpt2, gpt2-medium, ..., or a GPT-2 folder
+temperature = 0.8  # < 1 sharpens the distribution, > 1 flattens it; 0 always takes the most likely token
+top_k = 0  # sample only among the k most likely tokens (0: all)
+top_p = 1.0  # sample only among the most likely tokens whose probabilities add up to p (1.0: all)
+length = 200  # tokens per reply
+seed = 1337  # the terminal's random generator: the same seed and the same lines give the same conversation
+max_length = 2000  # the most tokens one reply may ask for
+web = False  # serve a page and a JSON API instead of talking in this terminal
+host = "127.0.0.1"  # the address to listen on: 127.0.0.1 is this machine only, 0.0.0.0 every network it is on
+port = 8000  # 0: any free port (the address is printed at the start)
+max_prompt = 10_000  # --web: the longest prompt a request may send, in characters
+max_streams = 32  # --web: generations running at once; a request beyond them gets HTTP 503
+device = "auto"  # 'auto' (cuda, then mps, then cpu), or 'cpu', 'cuda', 'mps'
+dtype = "auto"  # the weights' precision: 'auto' (bf16 or fp16 on a GPU, fp32 elsewhere), 'float32', 'bfloat16'
+# -----------------------------------------------------------------------------
+
+SAMPLING = ("temperature", "top_k", "top_p", "length", "seed")  # what a command or a request may change
+
+
+def limits():
+    """For each setting in SAMPLING: its type, the test of a value, and the allowed values in words."""
+    return {
+        "temperature": (float, lambda v: 0 <= v <= 100, "from 0 (greedy) to 100"),
+        "top_k": (int, lambda v: 0 <= v <= 1_000_000, "from 0 (no limit) to 1000000"),
+        "top_p": (float, lambda v: 0 < v <= 1, "above 0 and at most 1 (1: no limit)"),
+        "length": (int, lambda v: 1 <= v <= max_length, f"from 1 to {max_length} (--max_length)"),
+        "seed": (int, lambda v: 0 <= v < 2**63, "from 0 to 2**63 - 1"),
+    }
+
+
+def checked(name, value):
+    """A value for setting `name`, or ValueError saying what is allowed. Text (from a command) is parsed first."""
+    kind, test, allowed = limits()[name]
+    words = "an integer" if kind is int else "a number"
+    if isinstance(value, str):
+        try:
+            value = kind(value)
+        except ValueError:
+            raise ValueError(f"{name} must be {words}, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and isinstance(value, float)):
+        raise ValueError(f"{name} must be {words}, got {json.dumps(value)[:40]}")
+    if not test(value):  # NaN fails every test
+        raise ValueError(f"{name}={value} is out of range: give {allowed}")
+    return kind(value)
+
+
+def encode(tok, text):
+    """Text -> token ids, or ValueError naming the characters the model does not know."""
+    try:
+        return tok.encode(text, allowed_special=True)  # <|endoftext|> may start a text, as in generate.py
+    except SystemExit as e:  # tokenizer.py ends a script on bad text; here it is one bad line or request
+        raise ValueError(str(e).removeprefix("error: ")) from None
+
+
+def tokens(model, ids, settings, generator):
+    """The token ids (ints) of one reply to the conversation `ids`: generate.py's sampling and cache."""
+    idx = torch.tensor([ids], dtype=torch.long, device=model.lm_head.weight.device)  # (1, T)
+    for next_id in generate(model, idx, settings["length"], settings["temperature"], settings["top_k"],
+                            settings["top_p"], generator):
+        yield next_id.item()
+
+
+def describe(model, tok):
+    return (f"{init_from}: {model.num_params() / 1e6:.2f}M parameters, {tok.vocab_size:,} tokens, "
+            f"block_size {model.config.block_size}, on {model.lm_head.weight.device}")
+
+
+# -----------------------------------------------------------------------------
+# The terminal
+
+HELP = """commands:
+  /temperature 0.7   < 1 sharpens the distribution, > 1 flattens it; 0 always takes the most likely token
+  /top_k 40          sample only among the 40 most likely tokens (0: all)
+  /top_p 0.9         sample only among the most likely tokens that add up to 0.9 (1: all)
+  /length 200        tokens per reply
+  /seed 7            start the random generator again from seed 7
+  /settings          show the settings
+  /reset             forget the conversation
+  /help, /quit       this text; leave (as does Ctrl-D)
+a line of text joins the conversation and the model continues it; an empty line lets it go on; Ctrl-C stops it"""
+
+
+def chat(model, tok):
+    """Read lines until Ctrl-D or /quit: each one is a command, or text that the model continues."""
+    settings = {name: globals()[name] for name in SAMPLING}
+    history = []  # the conversation so far, as token ids
+    generator = torch.Generator(model.lm_head.weight.device).manual_seed(seed)
+    print(f"{describe(model, tok)}\ntype a text and the model continues it; /help lists the commands")
+    while True:
+        try:
+            line = input("> ")
+        except KeyboardInterrupt:  # Ctrl-C at the prompt: a fresh prompt, as in Python's own
+            print()
+            continue
+        except EOFError:  # Ctrl-D
+            print()
+            return
+        if line.startswith("/"):
+            if not command(line, settings, history, generator):
+                return
+            continue
+        try:
+            history += encode(tok, line)
+        except ValueError as e:
+            print(f"error: {e}")
+            continue
+        if not history:
+            print("type some text first: the model continues what you write")
+            continue
+        reply(model, tok, history, settings, generator)
+
+
+def command(line, settings, history, generator):
+    """Run one /command; False when it is /quit."""
+    name, _, value = line[1:].strip().partition(" ")
+    value = value.strip()
+    if name == "quit":
+        return False
+    if name == "help":
+        print(HELP)
+    elif name == "reset":
+        history.clear()
+        print("(the conversation is forgotten)")
+    elif name == "settings":
+        print(", ".join(f"{k} = {v}" for k, v in settings.items()))
+    elif name in settings:
+        try:
+            settings[name] = checked(name, value) if value else settings[name]  # no value: just show it
+        except ValueError as e:
+            print(f"error: {e}")
+            return True
+        if name == "seed":
+            generator.manual_seed(settings["seed"])
+        print(f"{name} = {settings[name]}")
+    else:
+        print(f"error: unknown command /{name}; /help lists the commands")
+    return True
+
+
+def reply(model, tok, history, settings, generator):
+    """Continue the conversation, printing each token's text as it comes, until the length or Ctrl-C."""
+    decode = text_decoder(tok)
+    text = ""
+    try:
+        for token in tokens(model, history, settings, generator):
+            history.append(token)  # what was shown is part of the conversation, even if stopped
+            piece = decode(token)
+            text += piece
+            print(piece, end="", flush=True)
+    except KeyboardInterrupt:
+        text += " [stopped]"
+        print(" [stopped]", end="")
+    print("" if text.endswith("\n") else "\n", end="", flush=True)
+
+
+# -----------------------------------------------------------------------------
+# The web page and its API
+
+
+class Server(ThreadingHTTPServer):
+    """The HTTP server and the model it serves. Each request has a thread of its own that reads it and writes the
+    answer; one more thread runs the model for all of them (run_model)."""
+
+    daemon_threads = True  # Ctrl-C does not wait for open streams
+
+    def __init__(self, address, model, tok):
+        super().__init__(address, Handler)
+        self.model, self.tok = model, tok
+        self.inbox = queue.SimpleQueue()  # new generations, for the model's thread
+        self.lock = threading.Lock()  # guards the counts
+        self.counts = {"generating": 0, "served": 0, "stopped": 0, "tokens": 0}
+        weight = model.lm_head.weight
+        self.info = {"init_from": init_from, "parameters": model.num_params(), "block_size": model.config.block_size,
+                     "vocab_size": tok.vocab_size, "tokenizer": type(tok).__name__, "device": str(weight.device),
+                     "dtype": str(weight.dtype).removeprefix("torch."),
+                     "defaults": {name: globals()[name] for name in SAMPLING if name != "seed"},
+                     "limits": {"max_prompt": max_prompt, "max_length": max_length}}
+        threading.Thread(target=self.run_model, daemon=True).start()
+
+    def run_model(self):
+        """Take the running generations in turn, one token step each, and hand each token to its request's queue
+        (None at the end). One thread owns the model: a step never waits for another, and PyTorch keeps one set
+        of worker threads rather than one per request, which on a small CPU only compete."""
+        running = []
+        while True:
+            if not running:
+                running.append(self.inbox.get())  # nothing to do: wait for a generation
+            while not self.inbox.empty():
+                running.append(self.inbox.get())
+            for job in list(running):
+                try:
+                    token = None if job.stop else next(job.steps, None)
+                except Exception as e:  # a failure ends that generation (its request re-raises it), not the server
+                    token = e
+                job.tokens.put(token)
+                if token is None or isinstance(token, Exception):
+                    running.remove(job)
+                    job.steps.close()
+                else:
+                    with self.lock:
+                        self.counts["tokens"] += 1
+
+
+class Handler(BaseHTTPRequestHandler):
+    """One request: the page, the health or model report, or a generation streamed as server-sent events."""
+
+    timeout = 60  # seconds a client may stall a read or a write before it counts as gone
+    server_version, sys_version = "chat.py", ""  # the Server header names no Python version
+
+    def do_GET(self):
+        path = self.path.split("?")[0]
+        if path == "/":
+            self.send(200, PAGE.encode(), "text/html; charset=utf-8", {"Content-Security-Policy": CSP})
+        elif path == "/api/health":
+            with self.server.lock:
+                counts = dict(self.server.counts)
+            self.send_json(200, {"status": "ok", **counts})
+        elif path == "/api/model":
+            self.send_json(200, self.server.info)
+        else:
+            self.send_json(404, {"error": f"nothing at {path[:100]}; the page is at / and the API under /api/"})
+
+    def do_POST(self):
+        if self.path != "/api/generate":
+            return self.send_json(404, {"error": f"nothing to POST at {self.path[:100]}; use /api/generate"})
+        try:
+            ids, settings = read_request(self.headers, self.rfile, self.server.tok)
+        except ValueError as e:
+            return self.send_json(400, {"error": str(e)})
+        except OSError:  # the client stalled or left while sending
+            return
+        with self.server.lock:
+            busy = self.server.counts["generating"] >= max_streams
+            self.server.counts["generating"] += not busy
+        if busy:
+            return self.send_json(503, {"error": f"busy: {max_streams} generations are running (--max_streams); "
+                                                 f"try again shortly"})
+        self.stream(ids, settings)
+
+    def stream(self, ids, settings):
+        """Send the reply's tokens as server-sent events while they are made; stop when the client goes away."""
+        server = self.server
+        generator = torch.Generator(server.model.lm_head.weight.device).manual_seed(settings["seed"])
+        job = SimpleNamespace(steps=tokens(server.model, ids, settings, generator), tokens=queue.SimpleQueue(),
+                              stop=False)  # each generation has its own cache and random generator
+        server.inbox.put(job)
+        decode, made, outcome, t0 = text_decoder(server.tok), 0, "stopped", time.perf_counter()
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            self.event({"seed": settings["seed"], "prompt_tokens": len(ids)})
+            for token in iter(job.tokens.get, None):
+                if isinstance(token, Exception):
+                    raise token
+                made += 1
+                self.event({"token": token, "text": decode(token)})
+            seconds = time.perf_counter() - t0
+            self.event({"done": True, "tokens": made, "seconds": round(seconds, 3),
+                        "tokens_per_s": round(made / seconds, 1)})
+            outcome = "served"
+        except (ConnectionError, TimeoutError):  # the client left (or stalled): stop its generation
+            self.log_message("stopped after %d tokens: the client went away", made)
+        finally:
+            job.stop = True  # the model's thread drops it at its next turn, if it is still running
+            with server.lock:
+                server.counts["generating"] -= 1
+                server.counts[outcome] += 1
+
+    def event(self, data):
+        self.wfile.write(f"data: {json.dumps(data)}\n\n".encode())
+
+    def send_json(self, status, data):
+        self.send(status, json.dumps(data).encode() + b"\n", "application/json")
+
+    def send(self, status, body, content_type, headers=None):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("X-Content-Type-Options", "nosniff")
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def send_error(self, code, message=None, explain=None):  # http.server's own errors (a malformed request line,
+        self.close_connection = True  # an unknown method) as one-line JSON too
+        self.send_json(code, {"error": message or HTTPStatus(code).phrase})
+
+
+def read_request(headers, body, tok):
+    """A POST /api/generate -> (the prompt's token ids, the settings); ValueError with a one-line reason if bad."""
+    if headers.get_content_type() != "application/json":
+        raise ValueError('send the request as JSON, with "Content-Type: application/json"')
+    size = headers.get("Content-Length", "")
+    most = 12 * max_prompt + 1000  # one character is at most 12 bytes of JSON (an escaped surrogate pair)
+    if not size.isdigit() or int(size) > most:
+        raise ValueError(f"the request needs a Content-Length of at most {most} bytes (prompts: at most "
+                         f"{max_prompt} characters)")
+    try:
+        request = json.loads(body.read(int(size)))
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested too deep
+        raise ValueError('the request is not JSON; send an object like {"prompt": "ROMEO:", "length": 100}')
+    if not isinstance(request, dict):
+        raise ValueError('the request must be a JSON object like {"prompt": "ROMEO:", "length": 100}')
+    unknown = sorted(set(request) - {"prompt", *SAMPLING})
+    if unknown:
+        raise ValueError(f"unknown field {unknown[0][:40]!r}; the fields are prompt, {', '.join(SAMPLING)}")
+    prompt = request.get("prompt")
+    if not isinstance(prompt, str) or not prompt:
+        raise ValueError('give the text to continue as "prompt", a string that is not empty')
+    if len(prompt) > max_prompt:
+        raise ValueError(f"the prompt has {len(prompt)} characters; at most {max_prompt} are accepted")
+    defaults = {name: globals()[name] for name in SAMPLING} | {"seed": random.randrange(2**31)}
+    settings = {name: checked(name, request.get(name, defaults[name])) for name in SAMPLING}
+    return encode(tok, prompt), settings
+
+
+def serve(model, tok):
+    """Serve the page and the API until Ctrl-C."""
+    try:
+        server = Server((host, port), model, tok)
+    except OSError as e:  # the port is taken, or the host is not one of this machine's addresses
+        reason = getattr(e, "strerror", None) or e
+        raise SystemExit(f"error: cannot listen on {host}:{port} ({reason}); pick another --port (0: any free one) "
+                         f"or --host")
+    print(f"{describe(model, tok)}\nserving http://{host}:{server.server_port}/ (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print()
+    finally:
+        server.server_close()
+
+
+def main(args):
+    configurator.configure(globals(), args)
+    for name in SAMPLING:
+        try:
+            checked(name, globals()[name])
+        except ValueError as e:
+            raise SystemExit(f"error: --{e}")
+    for name, lowest, highest in (("max_length", 1, 10**9), ("max_prompt", 1, 10**9), ("max_streams", 1, 10**6),
+                                  ("port", 0, 65535)):
+        if not lowest <= globals()[name] <= highest:
+            raise SystemExit(f"error: --{name}={globals()[name]} must be from {lowest} to {highest}")
+    dev = configurator.pick_device(device)
+    model, tok = load_for_sampling(init_from, dev, configurator.pick_dtype(dtype, dev))  # fp32 off the GPU
+    if web:
+        serve(model, tok)
+    else:
+        chat(model, tok)
+
+
+# -----------------------------------------------------------------------------
+# The page: plain HTML and JavaScript. The model's text goes in as text (append, textContent), never as HTML,
+# and the Content-Security-Policy lets only this page's own script and style run: no other script, no inline
+# handler such as onerror=..., no image, no request except to this server.
+
+PAGE = """<!doctype html>
+<html lang="en">
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>chat.py</title>
+<style>
+body { font: 15px/1.45 system-ui, sans-serif; max-width: 52rem; margin: 1.5rem auto; padding: 0 1rem; color: #222; }
+h1 { font-size: 1.3rem; margin: 0; }
+textarea, #output { width: 100%; box-sizing: border-box; font: 14px/1.45 ui-monospace, monospace; }
+#controls { display: flex; flex-wrap: wrap; gap: .4rem 1rem; align-items: center; margin: .6rem 0; }
+#controls input { width: 4.5rem; }
+#output { white-space: pre-wrap; background: #f6f6f3; border: 1px solid #ddd; padding: .7rem; min-height: 6rem; }
+#output .prompt { color: #777; }
+#model, #status { color: #555; font-size: 13px; margin: .3rem 0; }
+</style>
+<h1>chat.py</h1>
+<p id="model">loading...</p>
+<textarea id="prompt" rows="3" placeholder="the start of a text: the model continues it (Ctrl+Enter)"></textarea>
+<div id="controls">
+  <label>temperature <input id="temperature" type="number" min="0" step="0.1"></label>
+  <label>top-k <input id="top_k" type="number" min="0" step="1"></label>
+  <label>top-p <input id="top_p" type="number" min="0" max="1" step="0.05"></label>
+  <label>length <input id="length" type="number" min="1" step="1"></label>
+  <label>seed <input id="seed" type="number" min="0" step="1" placeholder="random"></label>
+  <button id="generate">Generate</button> <button id="continue">Continue</button>
+  <button id="stop" disabled>Stop</button>
+</div>
+<p id="status"></p>
+<div id="output"></div>
+<script>
+const $ = (id) => document.getElementById(id);
+const settings = ["temperature", "top_k", "top_p", "length", "seed"];
+let controller = null;  // aborts the running request: the server sees the connection close and stops
+
+fetch("/api/model").then((r) => r.json()).then((m) => {
+  $("model").textContent = `${m.init_from}: ${(m.parameters / 1e6).toFixed(2)}M parameters, ${m.vocab_size} ` +
+    `tokens (${m.tokenizer}), block size ${m.block_size}, on ${m.device} in ${m.dtype}`;
+  for (const name in m.defaults) $(name).value = m.defaults[name];
+  $("length").max = m.limits.max_length;
+});
+
+function running(yes) {
+  $("generate").disabled = $("continue").disabled = yes;
+  $("stop").disabled = !yes;
+}
+
+async function generate(prompt) {
+  const request = { prompt };
+  for (const name of settings) if ($(name).value !== "") request[name] = Number($(name).value);
+  const shown = document.createElement("span"), made = document.createElement("span");
+  shown.className = "prompt";
+  shown.textContent = prompt;
+  $("output").replaceChildren(shown, made);
+  $("status").textContent = "";
+  controller = new AbortController();
+  running(true);
+  const start = performance.now();
+  let count = 0, seed = null;
+  try {
+    const response = await fetch("/api/generate", { method: "POST", body: JSON.stringify(request),
+      headers: { "Content-Type": "application/json" }, signal: controller.signal });
+    if (!response.ok) throw new Error((await response.json()).error);
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    let pending = "";
+    for (let read = await reader.read(); !read.done; read = await reader.read()) {
+      const events = (pending + read.value).split("\\n\\n");
+      pending = events.pop();  // an event cut in two by the network waits for its second half
+      for (const event of events) {
+        const data = JSON.parse(event.slice("data: ".length));
+        if ("seed" in data) seed = data.seed;
+        if ("text" in data) {
+          made.append(data.text);  // append(text) adds a text node, never HTML
+          count++;
+        }
+        const speed = (count * 1000) / (performance.now() - start);
+        $("status").textContent = data.done
+          ? `${data.tokens} tokens in ${data.seconds.toFixed(2)} s: ${data.tokens_per_s.toFixed(0)} tokens/s ` +
+            `(seed ${seed})`
+          : `${count} tokens, ${speed.toFixed(0)} tokens/s`;
+      }
+    }
+  } catch (error) {
+    $("status").textContent = error.name === "AbortError" ? `stopped after ${count} tokens` : `error: ${error.message}`;
+  } finally {
+    controller = null;
+    running(false);
+  }
+}
+
+$("generate").onclick = () => generate($("prompt").value);
+$("continue").onclick = () => generate(($("prompt").value = $("output").textContent || $("prompt").value));
+$("stop").onclick = () => controller && controller.abort();
+$("prompt").onkeydown = (e) => {
+  if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) $("generate").click();
+};
+</script>
+</html>
+"""
+
+
+def content_security_policy(page):
+    """Allow exactly the page's own inline <script> and <style> (by their SHA-256), and requests to this server."""
+    def digest(tag):
+        inline = re.search(f"<{tag}>(.*?)</{tag}>", page, re.S)[1]
+        return base64.b64encode(hashlib.sha256(inline.encode()).digest()).decode()
+    return (f"default-src 'none'; script-src 'sha256-{digest('script')}'; style-src 'sha256-{digest('style')}'; "
+            f"connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+CSP = content_security_policy(PAGE)
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
