@@ -3,6 +3,7 @@ bench.py: measure training and sampling speed the way a user meets it, and the s
 
     python bench.py                                           # train.py's defaults, once
     python bench.py --target_loss=1.88 --repeat=3 -- --max_iters=1000     # time-to-loss, median of 3 runs
+    python bench.py --variants=";--rope=True;--muon=True" --seeds=1,2,3 --target_loss=1.88 -- --max_iters=2000
     python bench.py --what=sample --n_layer=6 --n_head=6 --n_embd=384 --block_size=256 --max_new_tokens=500
     python bench.py --what=tokenize --gpt2_vocab=gpt2.tiktoken    # BPE training and encoding speed
     python bench.py --what=chat --max_new_tokens=200         # chat.py's web API under 1, 4 and 16 clients at once
@@ -10,7 +11,9 @@ bench.py: measure training and sampling speed the way a user meets it, and the s
 Training (--what=train) launches the real `python train.py <everything after -->` and timestamps its output
 lines as they arrive, so process start-up, data loading, compilation and evaluation all count. It prints, per run
 and as the median over runs: wall time, the time at which the val loss first reached --target_loss, the best val
-loss, tokens/s, ms/iter, MFU and peak memory, plus the val-loss-vs-seconds curve.
+loss, tokens/s, ms/iter, MFU and peak memory, plus the val-loss-vs-seconds curve. With --variants, it runs each
+variant of the command once per seed, taking turns (so that a slower spell of a shared machine falls on all of
+them), and prints a row per variant: the medians over seeds, and each seed's figures.
 
 Sampling (--what=sample) times generate.generate() on a randomly initialised model of the given shape, with the
 key/value cache and without it (recomputing the whole context every step), and prints both speeds and their ratio.
@@ -40,9 +43,13 @@ import time
 import configurator
 
 # -----------------------------------------------------------------------------
-what = "train"  # 'train', 'sample' or 'chat'
+what = "train"  # 'train', 'sample', 'tokenize' or 'chat'
 repeat = 1  # runs to take the median of
 target_loss = 0.0  # report when the val loss first reaches this (0: don't)
+# --what=train, side by side: variants of the command, each run once per seed, in turn
+variants = ""  # train.py flags added to the command, one set per variant, split by ';' ('' in it: the plain command)
+seeds = ""  # seeds for the variants' runs, comma-separated, like 1,2,3 ('': --repeat runs of train.py's own seed)
+within_seconds = 0.0  # also report the best val loss reached within this many seconds of launch (0: don't)
 # --what=sample: the model's shape (random weights: speed does not depend on what they learned) and the generation
 n_layer = 6  # the classic 6-layer, 384-wide character model by default
 n_head = 6
@@ -116,6 +123,30 @@ def bench_train(train_args):
         print(f"{'median':10s}" + "".join(f"{statistics.median(r[k] for r in runs):16,.3f}" for k in keys))
     print("\nval loss vs seconds since launch, run 1:")
     print("  " + ", ".join(f"{s:.1f} s: {val:.3f}" for s, _, val in runs[0]["curve"]))
+
+
+def bench_variants(train_args):
+    """Each variant of the command once per seed, in turn; a row per variant of medians and per-seed figures."""
+    flag_sets = [v.split() for v in variants.split(";")]
+    seed_list = [int(x) for x in seeds.split(",")] if seeds else [None] * repeat
+    results = {i: [] for i in range(len(flag_sets))}
+    for seed in seed_list:
+        for i, flags in enumerate(flag_sets):
+            args = [*train_args, *flags, *([f"--seed={seed}"] if seed is not None else [])]
+            print(f"variant {i + 1}/{len(flag_sets)}, seed {seed}: python train.py {' '.join(args)}")
+            results[i].append(run_train(args))
+    reach, best = f"s to val<={target_loss}", f"best val in {within_seconds:g} s"
+    print(f"\n{'variant':44s}{reach:>16s}{'best val':>10s}" + (f"{best:>18s}" if within_seconds else "")
+          + f"{'ms/iter':>9s}   per seed: {reach}, best val" + (", within" if within_seconds else ""))
+    for i, flags in enumerate(flag_sets):
+        runs = results[i]
+        for r in runs:  # the best val loss among the evaluations logged within the time
+            r[best] = min((val for s, _, val in r["curve"] if s <= within_seconds), default=float("nan"))
+        median = {k: statistics.median(r[k] for r in runs) for k in (reach, "best val", best, "ms/iter")}
+        each = "; ".join(f"{r[reach]:.1f}, {r['best val']:.3f}" + (f", {r[best]:.3f}" if within_seconds else "")
+                         for r in runs)
+        print(f"{' '.join(flags) or '(the command as given)':44s}{median[reach]:16.1f}{median['best val']:10.3f}"
+              + (f"{median[best]:18.3f}" if within_seconds else "") + f"{median['ms/iter']:9.1f}   {each}")
 
 
 def bench_sample():
@@ -305,7 +336,9 @@ def peak_memory(device_type):
 
 
 def check_settings():
-    configurator.check_at_least(globals(), dict(repeat=1, target_loss=0.0))
+    configurator.check_at_least(globals(), dict(repeat=1, target_loss=0.0, within_seconds=0.0))
+    if seeds and not all(x.strip().isdigit() for x in seeds.split(",")):
+        raise SystemExit(f"error: --seeds={seeds} must be seeds separated by commas, like 1,2,3")
     if what == "sample":
         configurator.check_at_least(globals(), dict(n_layer=1, n_head=1, n_embd=1, block_size=1, vocab_size=1,
                                                     max_new_tokens=1, num_samples=1))
@@ -322,7 +355,9 @@ if __name__ == "__main__":
     own, train_args = (args[: args.index("--")], args[args.index("--") + 1 :]) if "--" in args else (args, [])
     configurator.configure(globals(), own)
     check_settings()
-    if what == "train":
+    if what == "train" and (variants or seeds):
+        bench_variants(train_args)
+    elif what == "train":
         bench_train(train_args)
     elif what == "sample":
         bench_sample()

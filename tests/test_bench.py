@@ -88,3 +88,30 @@ def test_bench_chat_loads_a_real_server_and_every_request_comes_back_complete(tm
         assert 0 <= float(first) <= float(latency)
     assert one_error_line(run_script("bench.py", "--what=chat", "--init_from=none.pt", cwd=tmp_path)).startswith(
         "error: no checkpoint at none.pt")
+
+
+def test_bench_variants_takes_turns_and_reports_medians_and_the_best_within_the_time(monkeypatch, capsys):
+    import bench
+
+    calls = []
+
+    def fake_run(args):  # a curve that depends on the variant and the seed, so every figure can be checked
+        calls.append(args)
+        seed, rope = int(args[-1].split("=")[1]), "--rope=True" in args
+        curve = [(10.0 * k, 100 * k, 3.0 - k * (0.2 if rope else 0.1) - 0.01 * seed) for k in range(6)]
+        reached = next(s for s, _, v in curve if v <= 2.6)
+        return {"s to val<=2.6": reached, "best val": curve[-1][2], "ms/iter": 5.0 + seed, "curve": curve}
+
+    monkeypatch.setattr(bench, "run_train", fake_run)
+    for key, value in dict(variants=";--rope=True", seeds="1,2,3", target_loss=2.6, within_seconds=25.0).items():
+        monkeypatch.setattr(bench, key, value)
+    bench.bench_variants(["--max_iters=500"])
+    assert [(c[-2] if len(c) == 3 else "", c[-1]) for c in calls] == [  # seed by seed, the variants in turn
+        ("", "--seed=1"), ("--rope=True", "--seed=1"), ("", "--seed=2"), ("--rope=True", "--seed=2"),
+        ("", "--seed=3"), ("--rope=True", "--seed=3")]
+    rows = {line[:44].strip(): line[44:].split() for line in capsys.readouterr().out.splitlines()
+            if line.startswith(("(the command", "--rope"))}
+    # plain: 3.0 - 0.1k - 0.01 seed reaches 2.6 at k = 4 (40 s) for seeds 1-3; its best within 25 s is at k = 2
+    assert rows["(the command as given)"][:4] == ["40.0", "2.480", "2.780", "7.0"]
+    # rope: 3.0 - 0.2k - 0.01 seed reaches 2.6 at k = 2 (20 s); within 25 s also k = 2
+    assert rows["--rope=True"][:4] == ["20.0", "1.980", "2.580", "7.0"]
