@@ -12,8 +12,8 @@ it is made; an empty line lets the model go on. Commands change the sampling: /t
 /top_p 0.9, /length 200, /seed 7; /reset forgets the conversation; /help, /quit. Ctrl-C stops a reply and returns
 to the prompt; Ctrl-D leaves.
 
-With --web, Python's own http.server serves one page (at the end of this file: no CDN, works offline) and a JSON
-API beside it:
+With --web, Python's own http.server serves one page (chat.html, beside this file: no CDN, works offline) and a
+JSON API beside it:
 
     GET  /api/health     {"status": "ok", "generating": 1, "served": 12, "stopped": 1, "tokens": 2600}
     GET  /api/model      what is loaded: name, parameters, block_size, tokenizer, device, defaults and limits
@@ -34,6 +34,7 @@ site cannot send without a permission (CORS) this server never grants.
 import base64
 import hashlib
 import json
+import os
 import queue
 import random
 import re
@@ -411,108 +412,12 @@ def main(args):
 
 
 # -----------------------------------------------------------------------------
-# The page: plain HTML and JavaScript. The model's text goes in as text (append, textContent), never as HTML,
-# and the Content-Security-Policy lets only this page's own script and style run: no other script, no inline
+# The page, chat.html: plain HTML and JavaScript. The model's text goes in as text (append, textContent), never as
+# HTML, and the Content-Security-Policy lets only the page's own script and style run: no other script, no inline
 # handler such as onerror=..., no image, no request except to this server.
 
-PAGE = """<!doctype html>
-<html lang="en">
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>chat.py</title>
-<style>
-body { font: 15px/1.45 system-ui, sans-serif; max-width: 52rem; margin: 1.5rem auto; padding: 0 1rem; color: #222; }
-h1 { font-size: 1.3rem; margin: 0; }
-textarea, #output { width: 100%; box-sizing: border-box; font: 14px/1.45 ui-monospace, monospace; }
-#controls { display: flex; flex-wrap: wrap; gap: .4rem 1rem; align-items: center; margin: .6rem 0; }
-#controls input { width: 4.5rem; }
-#output { white-space: pre-wrap; background: #f6f6f3; border: 1px solid #ddd; padding: .7rem; min-height: 6rem; }
-#output .prompt { color: #777; }
-#model, #status { color: #555; font-size: 13px; margin: .3rem 0; }
-</style>
-<h1>chat.py</h1>
-<p id="model">loading...</p>
-<textarea id="prompt" rows="3" placeholder="the start of a text: the model continues it (Ctrl+Enter)"></textarea>
-<div id="controls">
-  <label>temperature <input id="temperature" type="number" min="0" step="0.1"></label>
-  <label>top-k <input id="top_k" type="number" min="0" step="1"></label>
-  <label>top-p <input id="top_p" type="number" min="0" max="1" step="0.05"></label>
-  <label>length <input id="length" type="number" min="1" step="1"></label>
-  <label>seed <input id="seed" type="number" min="0" step="1" placeholder="random"></label>
-  <button id="generate">Generate</button> <button id="continue">Continue</button>
-  <button id="stop" disabled>Stop</button>
-</div>
-<p id="status"></p>
-<div id="output"></div>
-<script>
-const $ = (id) => document.getElementById(id);
-const settings = ["temperature", "top_k", "top_p", "length", "seed"];
-let controller = null;  // aborts the running request: the server sees the connection close and stops
-
-fetch("/api/model").then((r) => r.json()).then((m) => {
-  $("model").textContent = `${m.init_from}: ${(m.parameters / 1e6).toFixed(2)}M parameters, ${m.vocab_size} ` +
-    `tokens (${m.tokenizer}), block size ${m.block_size}, on ${m.device} in ${m.dtype}`;
-  for (const name in m.defaults) $(name).value = m.defaults[name];
-  $("length").max = m.limits.max_length;
-});
-
-function running(yes) {
-  $("generate").disabled = $("continue").disabled = yes;
-  $("stop").disabled = !yes;
-}
-
-async function generate(prompt) {
-  const request = { prompt };
-  for (const name of settings) if ($(name).value !== "") request[name] = Number($(name).value);
-  const shown = document.createElement("span"), made = document.createElement("span");
-  shown.className = "prompt";
-  shown.textContent = prompt;
-  $("output").replaceChildren(shown, made);
-  $("status").textContent = "";
-  controller = new AbortController();
-  running(true);
-  const start = performance.now();
-  let count = 0, seed = null;
-  try {
-    const response = await fetch("/api/generate", { method: "POST", body: JSON.stringify(request),
-      headers: { "Content-Type": "application/json" }, signal: controller.signal });
-    if (!response.ok) throw new Error((await response.json()).error);
-    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
-    let pending = "";
-    for (let read = await reader.read(); !read.done; read = await reader.read()) {
-      const events = (pending + read.value).split("\\n\\n");
-      pending = events.pop();  // an event cut in two by the network waits for its second half
-      for (const event of events) {
-        const data = JSON.parse(event.slice("data: ".length));
-        if ("seed" in data) seed = data.seed;
-        if ("text" in data) {
-          made.append(data.text);  // append(text) adds a text node, never HTML
-          count++;
-        }
-        const speed = (count * 1000) / (performance.now() - start);
-        $("status").textContent = data.done
-          ? `${data.tokens} tokens in ${data.seconds.toFixed(2)} s: ${data.tokens_per_s.toFixed(0)} tokens/s ` +
-            `(seed ${seed})`
-          : `${count} tokens, ${speed.toFixed(0)} tokens/s`;
-      }
-    }
-  } catch (error) {
-    $("status").textContent = error.name === "AbortError" ? `stopped after ${count} tokens` : `error: ${error.message}`;
-  } finally {
-    controller = null;
-    running(false);
-  }
-}
-
-$("generate").onclick = () => generate($("prompt").value);
-$("continue").onclick = () => generate(($("prompt").value = $("output").textContent || $("prompt").value));
-$("stop").onclick = () => controller && controller.abort();
-$("prompt").onkeydown = (e) => {
-  if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) $("generate").click();
-};
-</script>
-</html>
-"""
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat.html"), encoding="utf-8") as f:
+    PAGE = f.read()
 
 
 def content_security_policy(page):
