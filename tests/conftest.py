@@ -61,6 +61,17 @@ def small_text(n_lines=400):
 
 
 @pytest.fixture
+def script(monkeypatch, corpus):
+    """Run a script's main() in this process, in the corpus folder (main() starts from the file's settings)."""
+    monkeypatch.chdir(corpus)
+
+    def run(name, *args):
+        return importlib.import_module(name).main(list(args))
+
+    return run
+
+
+@pytest.fixture
 def corpus(tmp_path):
     """A working directory holding input.txt with small_text()."""
     (tmp_path / "input.txt").write_text(small_text(), encoding="utf-8")

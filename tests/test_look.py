@@ -33,17 +33,6 @@ def sharp(block_size=8, vocab_size=30, n_layer=2, seed=0):
     return model.eval()
 
 
-@pytest.fixture
-def script(monkeypatch, corpus):
-    """Run a script's main() in this process, in the corpus folder."""
-    monkeypatch.chdir(corpus)
-
-    def run(name, *args):
-        return importlib.import_module(name).main(list(args))
-
-    return run
-
-
 def read_rows(path):
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f]

@@ -19,17 +19,6 @@ TINY = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_
         "--log_interval=5", "--warmup_iters=2", "--learning_rate=1e-2", "--sample_length=0"]
 
 
-@pytest.fixture
-def script(monkeypatch, corpus):
-    """Run a script's main() in this process, in the corpus folder (main() starts from the file's settings)."""
-    monkeypatch.chdir(corpus)
-
-    def run(name, *args):
-        return importlib.import_module(name).main(list(args))
-
-    return run
-
-
 def load(path):
     return torch.load(path, weights_only=True)
 
