@@ -20,16 +20,17 @@ NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)
 
 
 def orthogonalise(g, steps=5):
-    """A matrix with g's singular vectors and singular values near 1: about U V^T, for g = U S V^T."""
+    """A matrix with g's singular vectors and singular values near 1: about U V^T, for g = U S V^T. g may be a
+    stack of matrices (..., rows, cols), each orthogonalised on its own."""
     a, b, c = NEWTON_SCHULZ
-    x = g.float() / (g.norm() + 1e-7)  # every singular value now at most 1
-    tall = x.size(0) > x.size(1)
+    x = g.float() / (g.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # every singular value now at most 1
+    tall = x.size(-2) > x.size(-1)
     if tall:  # work with the smaller Gram matrix x x^T
-        x = x.t()
+        x = x.mT
     for _ in range(steps):
-        gram = x @ x.t()
+        gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x  # on each singular value s: a s + b s^3 + c s^5
-    return (x.t() if tall else x).to(g.dtype)
+    return (x.mT if tall else x).to(g.dtype)
 
 
 class Muon(torch.optim.Optimizer):
@@ -43,16 +44,19 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                assert p.dim() == 2, "Muon is for matrices; give vectors and embeddings to AdamW"
+            params = [p for p in group["params"] if p.grad is not None]
+            assert all(p.dim() == 2 for p in params), "Muon is for matrices; give vectors and embeddings to AdamW"
+            updates = []
+            for p in params:
                 state = self.state[p]
                 if "momentum" not in state:
                     state["momentum"] = torch.zeros_like(p.grad)
-                buffer = state["momentum"]
-                buffer.mul_(group["momentum"]).add_(p.grad)
-                update = p.grad.add(buffer, alpha=group["momentum"])  # Nesterov: look one momentum step ahead
-                update = orthogonalise(update, group["steps"]) * max(1.0, p.size(0) / p.size(1)) ** 0.5
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update, alpha=-group["lr"])
+                state["momentum"].mul_(group["momentum"]).add_(p.grad)
+                updates.append(p.grad.add(state["momentum"], alpha=group["momentum"]))  # Nesterov: a step ahead
+            for shape in {p.shape for p in params}:  # the matrices of one shape (a layer's c_fc, say) together
+                same = [i for i, p in enumerate(params) if p.shape == shape]
+                orthogonal = orthogonalise(torch.stack([updates[i] for i in same]), group["steps"])
+                for i, update in zip(same, orthogonal):
+                    p = params[i]
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                    p.add_(update, alpha=-group["lr"] * max(1.0, p.size(0) / p.size(1)) ** 0.5)
