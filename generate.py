@@ -7,9 +7,10 @@ generate.py: sample text from a checkpoint that train.py wrote.
     python generate.py --top_k=40 --top_p=0.9 --seed=7
     python generate.py --init_from=gpt2 --prompt="Hello, I'm a language model,"   # OpenAI's GPT-2 (downloaded once)
 
-The checkpoint holds everything needed (weights, model shape, tokenizer). Text streams to stdout as it is made;
-the speed goes to stderr. Each new token is one forward pass over one position, thanks to the key/value cache in
-gpt.py; `--kv_cache=False` recomputes the whole context every step instead (same tokens, much slower).
+The checkpoint holds everything needed (weights, model shape, tokenizer); a LoRA run's holds the adapters and
+names its base, and the adapters are merged into the base's weights as it loads. Text streams to stdout as it is
+made; the speed goes to stderr. Each new token is one forward pass over one position, thanks to the key/value
+cache in gpt.py; `--kv_cache=False` recomputes the whole context every step instead (same tokens, much slower).
 """
 
 import codecs
@@ -24,6 +25,7 @@ from torch.nn import functional as F
 
 import configurator
 from checkpoint import load_model
+from lora import merge_adapters
 
 # -----------------------------------------------------------------------------
 init_from = "out/best.pt"  # a checkpoint of train.py's, or GPT-2: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a
@@ -157,9 +159,10 @@ def sample_text(model, tok, prompt_text, max_new_tokens, num_samples=1, temperat
 
 
 def load_for_sampling(init_from, device, dtype):
-    """The model and tokenizer from init_from (see checkpoint.py), on `device` in `dtype`, ready to sample from."""
+    """The model and tokenizer from init_from (see checkpoint.py), on `device` in `dtype`, ready to sample from
+    (a LoRA run's adapters merged into the weights)."""
     model, tok = load_model(init_from)
-    model = model.to(device, getattr(torch, dtype)).eval()
+    model = merge_adapters(model).to(device, getattr(torch, dtype)).eval()  # the same outputs as unmerged, faster
     use_slab_products(model)
     return model, tok
 

@@ -59,7 +59,8 @@ dtype = "float32"  # the weights' precision: 'float32', or 'bfloat16' (faster on
 
 
 def load(init_from, dev):
-    """The model on `dev` in eval mode, its tokenizer, and the data_dir it was trained on ('' for GPT-2's weights)."""
+    """The model on `dev` in eval mode, its tokenizer, and the data_dir it was trained on ('' for GPT-2's weights).
+    A LoRA run's model keeps its adapters beside the weights, as it trained."""
     if init_from in GPT2_SIZES or os.path.isdir(init_from):
         (model, tok), trained_on = load_model(init_from), ""
     else:  # a train.py checkpoint also knows its settings
