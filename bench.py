@@ -4,6 +4,7 @@ bench.py: measure training and sampling speed the way a user meets it, and the s
     python bench.py                                           # train.py's defaults, once
     python bench.py --target_loss=1.88 --repeat=3 -- --max_iters=1000     # time-to-loss, median of 3 runs
     python bench.py --what=sample --n_layer=6 --n_head=6 --n_embd=384 --block_size=256 --max_new_tokens=500
+    python bench.py --what=sample --quantize=int8 --repeat=5    # cached sampling, fp32 weights against int8
     python bench.py --what=tokenize --gpt2_vocab=gpt2.tiktoken    # BPE training and encoding speed
     python bench.py --what=chat --max_new_tokens=200         # chat.py's web API under 1, 4 and 16 clients at once
 
@@ -13,7 +14,9 @@ and as the median over runs: wall time, the time at which the val loss first rea
 loss, tokens/s, ms/iter, MFU and peak memory, plus the val-loss-vs-seconds curve.
 
 Sampling (--what=sample) times generate.generate() on a randomly initialised model of the given shape, with the
-key/value cache and without it (recomputing the whole context every step), and prints both speeds and their ratio.
+key/value cache and without it (recomputing the whole context every step), and prints both speeds and their ratio;
+with --quantize=int8, cached sampling with the weights in --dtype and in int8 (generate.Int8Linear) instead, and
+the memory their weights take.
 
 Tokenizing (--what=tokenize) times BPE training on input.txt, GPT-2's encoding of it, and the worst case for BPE:
 one long chunk with no spaces (20,000 random letters), each the best of --repeat runs (tiktoken too, if installed).
@@ -52,6 +55,7 @@ vocab_size = 65  # Tiny Shakespeare's characters
 max_new_tokens = 500  # enough tokens to outgrow the block and re-prefill at least once
 num_samples = 1  # sequences generated together in one batch
 dtype = "float32"  # the weights' precision for --what=sample: auto, float32, bfloat16 or float16
+quantize = ""  # --what=sample: 'int8' compares cached sampling with dtype's weights against int8 ones
 device = "auto"
 # --what=tokenize: BPE trained on input.txt, and GPT-2's tokenizer (from this file or folder; empty: downloaded)
 gpt2_vocab = ""
@@ -119,9 +123,11 @@ def bench_train(train_args):
 
 
 def bench_sample():
+    import copy
+
     import torch
 
-    from generate import generate, use_slab_products
+    from generate import generate, quantize_int8, use_slab_products
     from gpt import GPT, GPTConfig
 
     dev = configurator.pick_device(device)
@@ -129,25 +135,40 @@ def bench_sample():
     torch.manual_seed(0)
     config = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, vocab_size=vocab_size)
     model = GPT(config).to(dev, getattr(torch, precision)).eval()
+    int8 = quantize_int8(copy.deepcopy(model)) if quantize else None
     use_slab_products(model)  # as generate.py samples
     prompt = torch.zeros((num_samples, 1), dtype=torch.long, device=dev)
     print(f"{model.num_params() / 1e6:.2f}M parameters, block_size {block_size}, {max_new_tokens} new tokens, "
           f"batch {num_samples}, {precision}, on {dev} with {torch.get_num_threads()} threads")
-    speeds = {True: [], False: []}
+    # what is timed: (model, kv_cache), with the cache and without it, or two precisions of the weights
+    ways = {precision: (model, True), "int8": (int8, True)} if quantize else {
+        "kv_cache=True": (model, True), "kv_cache=False": (model, False)}
+    speeds = {way: [] for way in ways}
     for i in range(repeat):  # alternate the two, so that a noisy neighbour slows both alike
-        for kv_cache in (True, False):
-            for _ in generate(model, prompt, 8, kv_cache=kv_cache):  # warm up
+        for way, (m, kv_cache) in ways.items():
+            for _ in generate(m, prompt, 8, kv_cache=kv_cache):  # warm up
                 pass
             t0 = time.perf_counter()
-            for _ in generate(model, prompt, max_new_tokens, kv_cache=kv_cache):
+            for _ in generate(m, prompt, max_new_tokens, kv_cache=kv_cache):
                 pass
             if dev.startswith("cuda"):
                 torch.cuda.synchronize()
-            speeds[kv_cache].append(max_new_tokens * num_samples / (time.perf_counter() - t0))
-            print(f"  run {i + 1}, kv_cache={kv_cache!s:5s}: {speeds[kv_cache][-1]:8,.0f} tokens/s")
-    cached, uncached = statistics.median(speeds[True]), statistics.median(speeds[False])
-    print(f"median of {repeat}: {cached:,.0f} tokens/s with the cache, {uncached:,.0f} without: "
-          f"{cached / uncached:.2f}x")
+            speeds[way].append(max_new_tokens * num_samples / (time.perf_counter() - t0))
+            print(f"  run {i + 1}, {way:14s}: {speeds[way][-1]:8,.0f} tokens/s")
+    first, second = (statistics.median(s) for s in speeds.values())
+    if quantize:
+        print(f"median of {repeat}: {first:,.0f} tokens/s {precision}, {second:,.0f} int8: {second / first:.2f}x")
+        print(f"weights: {weight_bytes(model) / 2**20:,.1f} MiB {precision}, {weight_bytes(int8) / 2**20:,.1f} MiB "
+              f"int8 (with the scales, and the float embedding table that lookups read)")
+    else:
+        print(f"median of {repeat}: {first:,.0f} tokens/s with the cache, {second:,.0f} without: "
+              f"{first / second:.2f}x")
+
+
+def weight_bytes(model):
+    """Bytes of the model's parameters and buffers, each tensor once (a tied lm_head is the embedding)."""
+    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def bench_tokenize():
@@ -307,6 +328,8 @@ def peak_memory(device_type):
 def check_settings():
     configurator.check_at_least(globals(), dict(repeat=1, target_loss=0.0))
     if what == "sample":
+        if quantize not in ("", "int8"):
+            raise SystemExit(f"error: --quantize={quantize} is unknown; use int8, or leave it empty")
         configurator.check_at_least(globals(), dict(n_layer=1, n_head=1, n_embd=1, block_size=1, vocab_size=1,
                                                     max_new_tokens=1, num_samples=1))
         if n_embd % n_head:

@@ -90,9 +90,14 @@ def load_checkpoint(path, map_location="cpu"):
 
 
 def model_from_checkpoint(ckpt, path="the checkpoint", dropout=None):
-    """Build the GPT a checkpoint describes and load its weights, refusing weights that are NaN or inf. A LoRA
-    run's checkpoint gives its base with the adapters added. dropout: the model's dropout from now on (None: the
-    checkpoint's own)."""
+    """Build the GPT a checkpoint describes and load its weights, refusing weights that are NaN, inf or integers
+    (int8 weights quantized for sampling). A LoRA run's checkpoint gives its base with the adapters added.
+    dropout: the model's dropout from now on (None: the checkpoint's own)."""
+    quantized = next((k for k, t in ckpt["model"].items() if torch.is_tensor(t) and not t.is_floating_point()), None)
+    if quantized:
+        raise SystemExit(f"error: {path} holds {str(ckpt['model'][quantized].dtype)[6:]} weights ({quantized}), "
+                         f"not float ones, so it cannot be trained or loaded as a model; use the float checkpoint "
+                         f"they came from (generate.py --quantize=int8 quantizes weights as it loads them)")
     if "lora" in ckpt:
         return adapted_from_checkpoint(ckpt, path, dropout)
     try:

@@ -6,6 +6,7 @@ generate.py: sample text from a checkpoint that train.py wrote.
     python generate.py --prompt=FILE:prompt.txt --temperature=0   # greedy: always the most likely token
     python generate.py --top_k=40 --top_p=0.9 --seed=7
     python generate.py --init_from=gpt2 --prompt="Hello, I'm a language model,"   # OpenAI's GPT-2 (downloaded once)
+    python generate.py --quantize=int8                              # int8 weights: less memory, faster on a CPU
 
 The checkpoint holds everything needed (weights, model shape, tokenizer); a LoRA run's holds the adapters and
 names its base, and the adapters are merged into the base's weights as it loads. Text streams to stdout as it is
@@ -40,6 +41,7 @@ seed = 1337  # the same seed, checkpoint and settings give the same text
 kv_cache = True  # reuse the keys and values of earlier positions
 device = "auto"  # 'auto' (cuda, then mps, then cpu), or 'cpu', 'cuda', 'mps'
 dtype = "auto"  # the weights' precision: 'auto' (bf16 or fp16 on a GPU, fp32 elsewhere), 'float32', 'bfloat16'
+quantize = ""  # 'int8': every linear layer's weight in int8, a quarter of fp32's bytes (Int8Linear); '': as loaded
 # -----------------------------------------------------------------------------
 
 
@@ -158,12 +160,18 @@ def sample_text(model, tok, prompt_text, max_new_tokens, num_samples=1, temperat
     return texts
 
 
-def load_for_sampling(init_from, device, dtype):
-    """The model and tokenizer from init_from (see checkpoint.py), on `device` in `dtype`, ready to sample from
-    (a LoRA run's adapters merged into the weights)."""
+def load_for_sampling(init_from, device, dtype, quantize=""):
+    """The model and tokenizer from init_from (see checkpoint.py), on `device` in `dtype`, ready to sample from:
+    a LoRA run's adapters merged into the weights, and those quantized to int8 if `quantize` says so."""
+    if quantize not in ("", "int8"):
+        raise SystemExit(f"error: --quantize={quantize} is unknown; use int8, or leave it empty for the weights as "
+                         f"they are")
     model, tok = load_model(init_from)
     model = merge_adapters(model).to(device, getattr(torch, dtype)).eval()  # the same outputs as unmerged, faster
-    use_slab_products(model)
+    if quantize:
+        quantize_int8(model)
+    else:
+        use_slab_products(model)
     return model, tok
 
 
@@ -225,6 +233,67 @@ def slabs_pay(threads):
     return fastest(slab_linear) < fastest(F.linear)
 
 
+# -----------------------------------------------------------------------------
+# Smaller weights: int8, with one scale per output row
+
+
+def int8_weights(weight):
+    """Per-output-channel symmetric int8 of a weight (out, in): (q, scale) with weight ~ q * scale[:, None], where
+    q is int8 in [-127, 127] and scale (out,) is the row's largest |w| / 127, in float32. Every weight lies within
+    scale / 2 of its q * scale."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127  # (out,); a row of zeros: q = 0
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)  # (out, in)
+    return q, scale
+
+
+def quantize_int8(model):
+    """Turn every nn.Linear of the model into an Int8Linear, in place. lm_head, tied to the token embedding, gets
+    an int8 copy of that table for its product, while the embedding's lookups keep reading the float table."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Linear:
+                setattr(module, name, Int8Linear(child))
+    return model
+
+
+class Int8Linear(nn.Module):
+    """nn.Linear with an int8 weight and a float32 scale per output row (int8_weights): a quarter of fp32's bytes
+    to hold, and to read for every token. Only the weights are quantized: the activations stay float.
+
+    On a CPU, the product takes bf16 activations: a few rows (a cached sampling step) go through PyTorch's int8
+    kernel, torch._weight_int8pack_mm, which converts each int8 weight to float as it multiplies (vectorised for
+    bf16 only, and only for in_features a multiple of 16); many rows (a prompt, an evaluation) through a bf16
+    matmul with the int8 weight converted for that product. Elsewhere the int8 weight is converted to the
+    activations' dtype for each product. Either way the float32 scales multiply the output: x (q s)^T = (x q^T) s."""
+
+    kernel_rows = 8  # up to this many rows the int8 kernel beats converting the weight for a matmul
+
+    def __init__(self, linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        q, scale = int8_weights(linear.weight)
+        self.weight = nn.Parameter(q, requires_grad=False)  # (out, in) int8: counted and moved like any weight
+        self.register_buffer("scale", scale)  # (out,) float32
+        self.bias = linear.bias
+        self.unit = torch.ones(self.out_features, dtype=torch.bfloat16)  # the kernel's own scales: 1, exactly
+
+    def forward(self, x):
+        if x.device.type != "cpu":
+            y = F.linear(x, self.weight.to(x.dtype))
+        else:
+            a = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # (rows, in)
+            if len(a) <= self.kernel_rows and self.in_features % 16 == 0:
+                if a.data_ptr() % 32:  # the kernel reads each row with aligned 32-byte loads: a fresh copy is aligned
+                    a = a.clone()
+                y = torch._weight_int8pack_mm(a, self.weight, self.unit)  # (rows, out) bf16
+            else:
+                y = F.linear(a, self.weight.to(torch.bfloat16))  # int8 values are exact in bf16
+            y = y.view(*x.shape[:-1], self.out_features)
+        y = y * self.scale if self.bias is None else torch.addcmul(self.bias, y, self.scale)  # float32
+        return y.to(x.dtype)
+
+
 def main(args):
     configurator.configure(globals(), args)
     configurator.check_at_least(globals(), dict(max_new_tokens=1, num_samples=1))
@@ -244,7 +313,7 @@ def main(args):
             raise SystemExit(f"error: cannot read the prompt file {text[5:]} ({type(e).__name__}); "
                              f"give a UTF-8 text file")
     dev = configurator.pick_device(device)
-    model, tok = load_for_sampling(init_from, dev, configurator.pick_dtype(dtype, dev))  # fp32 off the GPU
+    model, tok = load_for_sampling(init_from, dev, configurator.pick_dtype(dtype, dev), quantize)  # fp32 off the GPU
     try:
         sample_text(model, tok, text, max_new_tokens, num_samples, temperature, top_k, top_p, seed, kv_cache)
     except KeyboardInterrupt:
