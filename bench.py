@@ -280,10 +280,12 @@ def chat_request(port, seed):
 
 
 def flops_per_token(model):
-    """Training FLOPs per token: 6 per weight (2 forward, 4 backward), the position table left out, plus
+    """Training FLOPs per token: 6 per weight (2 forward, 4 backward: the input's gradient and the weight's), 4 per
+    frozen weight (no gradient of its own, as under LoRA), the position table left out, plus
     6 * n_layer * n_embd * block_size for attention's two products (causal: half of the full score matrix)."""
     c = model.config
-    return 6 * model.num_params(non_embedding=True) + 6 * c.n_layer * c.n_embd * c.block_size
+    frozen = sum(p.numel() for name, p in model.named_parameters() if not p.requires_grad and "wpe" not in name)
+    return 6 * model.num_params(non_embedding=True) - 2 * frozen + 6 * c.n_layer * c.n_embd * c.block_size
 
 
 @functools.cache

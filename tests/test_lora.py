@@ -12,6 +12,7 @@ import shutil
 import pytest
 import torch
 
+import bench
 import lora
 import prepare
 from checkpoint import load_model
@@ -113,6 +114,13 @@ def test_merged_and_unmerged_adapters_give_the_same_logits():
     assert not any(isinstance(m, lora.LoRALinear) for m in merged_model.modules())
     assert merged_model.state_dict().keys() == random_gpt().state_dict().keys()  # a plain GPT again
     assert all(p.requires_grad for p in merged_model.parameters())
+
+
+def test_the_mfu_figure_counts_4_flops_per_frozen_weight_and_6_per_adapter_weight():
+    model = random_gpt()
+    full, weights = bench.flops_per_token(model), model.num_params(non_embedding=True)
+    lora.add_adapters(model, rank=2, alpha=4.0)  # every weight frozen: its gradient is never computed
+    assert bench.flops_per_token(model) == full - 2 * weights + 6 * adapter_count(n_layer=2, n_embd=32, rank=2)
 
 
 # -----------------------------------------------------------------------------
