@@ -239,11 +239,14 @@ def slabs_pay(threads):
 
 def int8_weights(weight):
     """Per-output-channel symmetric int8 of a weight (out, in): (q, scale) with weight ~ q * scale[:, None], where
-    q is int8 in [-127, 127] and scale (out,) is the row's largest |w| / 127, in float32. Every weight lies within
-    scale / 2 of its q * scale."""
+    q is int8 in [-127, 127] and scale (out,) is the row's largest |w| / 127 rounded up to a bfloat16 (the dtype the
+    int8 kernel takes its scales in). Every weight lies within scale / 2 of its q * scale."""
     w = weight.detach().float()
-    scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127  # (out,); a row of zeros: q = 0
-    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)  # (out, in)
+    exact = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.bfloat16).tiny) / 127  # (out,); zeros: q = 0
+    scale = exact.bfloat16()
+    up = (scale.view(torch.int16) + 1).view(torch.bfloat16)  # the next bfloat16 above a positive one
+    scale = torch.where(scale.float() < exact, up, scale)  # so that no |w| / scale exceeds 127
+    q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)  # (out, in)
     return q, scale
 
 
@@ -258,14 +261,14 @@ def quantize_int8(model):
 
 
 class Int8Linear(nn.Module):
-    """nn.Linear with an int8 weight and a float32 scale per output row (int8_weights): a quarter of fp32's bytes
-    to hold, and to read for every token. Only the weights are quantized: the activations stay float.
+    """nn.Linear with an int8 weight and a scale per output row (int8_weights): a quarter of fp32's bytes to hold,
+    and to read for every token. Only the weights are quantized: the activations stay float.
 
     On a CPU, the product takes bf16 activations: a few rows (a cached sampling step) go through PyTorch's int8
-    kernel, torch._weight_int8pack_mm, which converts each int8 weight to float as it multiplies (vectorised for
-    bf16 only, and only for in_features a multiple of 16); many rows (a prompt, an evaluation) through a bf16
-    matmul with the int8 weight converted for that product. Elsewhere the int8 weight is converted to the
-    activations' dtype for each product. Either way the float32 scales multiply the output: x (q s)^T = (x q^T) s."""
+    kernel, torch._weight_int8pack_mm, which converts each int8 weight to float as it multiplies and scales the
+    output rows (vectorised for bf16 only, and only for in_features a multiple of 16); many rows (a prompt, an
+    evaluation) through a bf16 matmul with the int8 weight converted for that product, then scaled. Elsewhere the
+    int8 weight is converted to the activations' dtype for each product. The bias is added in float32."""
 
     kernel_rows = 8  # up to this many rows the int8 kernel beats converting the weight for a matmul
 
@@ -274,24 +277,22 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         q, scale = int8_weights(linear.weight)
         self.weight = nn.Parameter(q, requires_grad=False)  # (out, in) int8: counted and moved like any weight
-        self.register_buffer("scale", scale)  # (out,) float32
+        self.register_buffer("scale", scale)  # (out,) bfloat16
         self.bias = linear.bias
-        self.unit = torch.ones(self.out_features, dtype=torch.bfloat16)  # the kernel's own scales: 1, exactly
 
     def forward(self, x):
         if x.device.type != "cpu":
-            y = F.linear(x, self.weight.to(x.dtype))
+            y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
         else:
-            a = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # (rows, in)
+            a = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (rows, in), a new tensor unless x was bf16
             if len(a) <= self.kernel_rows and self.in_features % 16 == 0:
-                if a.data_ptr() % 32:  # the kernel reads each row with aligned 32-byte loads: a fresh copy is aligned
-                    a = a.clone()
-                y = torch._weight_int8pack_mm(a, self.weight, self.unit)  # (rows, out) bf16
+                if a.data_ptr() % 32 or not a.is_contiguous():  # the kernel reads rows with aligned 32-byte loads
+                    a = a.clone(memory_format=torch.contiguous_format)
+                y = torch._weight_int8pack_mm(a, self.weight, self.scale)  # (rows, out) bf16
             else:
-                y = F.linear(a, self.weight.to(torch.bfloat16))  # int8 values are exact in bf16
+                y = F.linear(a, self.weight.to(torch.bfloat16)).float() * self.scale  # int8 is exact in bf16
             y = y.view(*x.shape[:-1], self.out_features)
-        y = y * self.scale if self.bias is None else torch.addcmul(self.bias, y, self.scale)  # float32
-        return y.to(x.dtype)
+        return (y if self.bias is None else y + self.bias).to(x.dtype)
 
 
 def main(args):
