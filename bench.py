@@ -5,6 +5,7 @@ bench.py: measure training and sampling speed the way a user meets it, and the s
     python bench.py --target_loss=1.88 --repeat=3 -- --max_iters=1000     # time-to-loss, median of 3 runs
     python bench.py --variants=";--rope=True;--muon=True" --seeds=1,2,3 --target_loss=1.88 -- --max_iters=2000
     python bench.py --what=sample --n_layer=6 --n_head=6 --n_embd=384 --block_size=256 --max_new_tokens=500
+    python bench.py --what=sample --quantize=int8 --repeat=5    # cached sampling, fp32 weights against int8
     python bench.py --what=tokenize --gpt2_vocab=gpt2.tiktoken    # BPE training and encoding speed
     python bench.py --what=chat --max_new_tokens=200         # chat.py's web API under 1, 4 and 16 clients at once
 
@@ -16,7 +17,9 @@ variant of the command once per seed, taking turns (so that a slower spell of a 
 them), and prints a row per variant: the medians over seeds, and each seed's figures.
 
 Sampling (--what=sample) times generate.generate() on a randomly initialised model of the given shape, with the
-key/value cache and without it (recomputing the whole context every step), and prints both speeds and their ratio.
+key/value cache and without it (recomputing the whole context every step), and prints both speeds and their ratio;
+with --quantize=int8, cached sampling with the weights in --dtype and in int8 (generate.Int8Linear) instead, and
+the memory their weights take.
 
 Tokenizing (--what=tokenize) times BPE training on input.txt, GPT-2's encoding of it, and the worst case for BPE:
 one long chunk with no spaces (20,000 random letters), each the best of --repeat runs (tiktoken too, if installed).
@@ -59,6 +62,7 @@ vocab_size = 65  # Tiny Shakespeare's characters
 max_new_tokens = 500  # enough tokens to outgrow the block and re-prefill at least once
 num_samples = 1  # sequences generated together in one batch
 dtype = "float32"  # the weights' precision for --what=sample: auto, float32, bfloat16 or float16
+quantize = ""  # --what=sample: 'int8' compares cached sampling with dtype's weights against int8 ones
 device = "auto"
 # --what=tokenize: BPE trained on input.txt, and GPT-2's tokenizer (from this file or folder; empty: downloaded)
 gpt2_vocab = ""
@@ -150,9 +154,11 @@ def bench_variants(train_args):
 
 
 def bench_sample():
+    import copy
+
     import torch
 
-    from generate import generate, use_slab_products
+    from generate import generate, quantize_int8, use_slab_products
     from gpt import GPT, GPTConfig
 
     dev = configurator.pick_device(device)
@@ -160,25 +166,40 @@ def bench_sample():
     torch.manual_seed(0)
     config = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, vocab_size=vocab_size)
     model = GPT(config).to(dev, getattr(torch, precision)).eval()
+    int8 = quantize_int8(copy.deepcopy(model)) if quantize else None
     use_slab_products(model)  # as generate.py samples
     prompt = torch.zeros((num_samples, 1), dtype=torch.long, device=dev)
     print(f"{model.num_params() / 1e6:.2f}M parameters, block_size {block_size}, {max_new_tokens} new tokens, "
           f"batch {num_samples}, {precision}, on {dev} with {torch.get_num_threads()} threads")
-    speeds = {True: [], False: []}
+    # what is timed: (model, kv_cache), with the cache and without it, or two precisions of the weights
+    ways = {precision: (model, True), "int8": (int8, True)} if quantize else {
+        "kv_cache=True": (model, True), "kv_cache=False": (model, False)}
+    speeds = {way: [] for way in ways}
     for i in range(repeat):  # alternate the two, so that a noisy neighbour slows both alike
-        for kv_cache in (True, False):
-            for _ in generate(model, prompt, 8, kv_cache=kv_cache):  # warm up
+        for way, (m, kv_cache) in ways.items():
+            for _ in generate(m, prompt, 8, kv_cache=kv_cache):  # warm up
                 pass
             t0 = time.perf_counter()
-            for _ in generate(model, prompt, max_new_tokens, kv_cache=kv_cache):
+            for _ in generate(m, prompt, max_new_tokens, kv_cache=kv_cache):
                 pass
             if dev.startswith("cuda"):
                 torch.cuda.synchronize()
-            speeds[kv_cache].append(max_new_tokens * num_samples / (time.perf_counter() - t0))
-            print(f"  run {i + 1}, kv_cache={kv_cache!s:5s}: {speeds[kv_cache][-1]:8,.0f} tokens/s")
-    cached, uncached = statistics.median(speeds[True]), statistics.median(speeds[False])
-    print(f"median of {repeat}: {cached:,.0f} tokens/s with the cache, {uncached:,.0f} without: "
-          f"{cached / uncached:.2f}x")
+            speeds[way].append(max_new_tokens * num_samples / (time.perf_counter() - t0))
+            print(f"  run {i + 1}, {way:14s}: {speeds[way][-1]:8,.0f} tokens/s")
+    first, second = (statistics.median(s) for s in speeds.values())
+    if quantize:
+        print(f"median of {repeat}: {first:,.0f} tokens/s {precision}, {second:,.0f} int8: {second / first:.2f}x")
+        print(f"weights: {weight_bytes(model) / 2**20:,.1f} MiB {precision}, {weight_bytes(int8) / 2**20:,.1f} MiB "
+              f"int8 (with the scales, and the float embedding table that lookups read)")
+    else:
+        print(f"median of {repeat}: {first:,.0f} tokens/s with the cache, {second:,.0f} without: "
+              f"{first / second:.2f}x")
+
+
+def weight_bytes(model):
+    """Bytes of the model's parameters and buffers, each tensor once (a tied lm_head is the embedding)."""
+    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def bench_tokenize():
@@ -290,10 +311,12 @@ def chat_request(port, seed):
 
 
 def flops_per_token(model):
-    """Training FLOPs per token: 6 per weight (2 forward, 4 backward), the position table left out, plus
+    """Training FLOPs per token: 6 per weight (2 forward, 4 backward: the input's gradient and the weight's), 4 per
+    frozen weight (no gradient of its own, as under LoRA), the position table left out, plus
     6 * n_layer * n_embd * block_size for attention's two products (causal: half of the full score matrix)."""
     c = model.config
-    return 6 * model.num_params(non_embedding=True) + 6 * c.n_layer * c.n_embd * c.block_size
+    frozen = sum(p.numel() for name, p in model.named_parameters() if not p.requires_grad and "wpe" not in name)
+    return 6 * model.num_params(non_embedding=True) - 2 * frozen + 6 * c.n_layer * c.n_embd * c.block_size
 
 
 @functools.cache
@@ -340,6 +363,8 @@ def check_settings():
     if seeds and not all(x.strip().isdigit() for x in seeds.split(",")):
         raise SystemExit(f"error: --seeds={seeds} must be seeds separated by commas, like 1,2,3")
     if what == "sample":
+        if quantize not in ("", "int8"):
+            raise SystemExit(f"error: --quantize={quantize} is unknown; use int8, or leave it empty")
         configurator.check_at_least(globals(), dict(n_layer=1, n_head=1, n_embd=1, block_size=1, vocab_size=1,
                                                     max_new_tokens=1, num_samples=1))
         if n_embd % n_head:

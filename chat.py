@@ -70,6 +70,7 @@ max_prompt = 10_000  # --web: the longest prompt a request may send, in characte
 max_streams = 32  # --web: generations running at once; a request beyond them gets HTTP 503
 device = "auto"  # 'auto' (cuda, then mps, then cpu), or 'cpu', 'cuda', 'mps'
 dtype = "auto"  # the weights' precision: 'auto' (bf16 or fp16 on a GPU, fp32 elsewhere), 'float32', 'bfloat16'
+quantize = ""  # 'int8': int8 weights, as generate.py --quantize=int8 (less memory, faster on a CPU); '': as loaded
 # -----------------------------------------------------------------------------
 
 SAMPLING = ("temperature", "top_k", "top_p", "length", "seed")  # what a command or a request may change
@@ -404,7 +405,7 @@ def main(args):
         if not lowest <= globals()[name] <= highest:
             raise SystemExit(f"error: --{name}={globals()[name]} must be from {lowest} to {highest}")
     dev = configurator.pick_device(device)
-    model, tok = load_for_sampling(init_from, dev, configurator.pick_dtype(dtype, dev))  # fp32 off the GPU
+    model, tok = load_for_sampling(init_from, dev, configurator.pick_dtype(dtype, dev), quantize)  # fp32 off the GPU
     if web:
         serve(model, tok)
     else:

@@ -7,12 +7,17 @@ checkpoint.py: models in files: the checkpoints train.py writes, and GPT-2's pub
 
 A train.py checkpoint is a plain dict of tensors and Python values: the model's weights and shape, the
 tokenizer, the optimizer's state, the settings, and every random state (rng_state), so a run can continue
-exactly. Nothing here runs code from a file: checkpoints load with torch.load(weights_only=True), and GPT-2's
-weights are read from Hugging Face's model.safetensors, a format that holds only tensors (parsed here, without
-the safetensors package). The model itself is gpt.py; used by train.py and generate.py.
+exactly. A LoRA run's checkpoint (train.py --lora_rank=R) holds only the adapters, with a reference to its base
+(a GPT-2 size, or the absolute path of a checkpoint or folder) and the base's sha256; loading it loads the base,
+checks that it is still the same, and adds the adapters (lora.py).
+
+Nothing here runs code from a file: checkpoints load with torch.load(weights_only=True), and GPT-2's weights are
+read from Hugging Face's model.safetensors, a format that holds only tensors (parsed here, without the safetensors
+package). The model itself is gpt.py; used by train.py, generate.py, chat.py and look.py.
 """
 
 import dataclasses
+import hashlib
 import json
 import math
 import mmap
@@ -28,8 +33,9 @@ import torch
 import torch.distributed as dist
 
 import tokenizer as tokenizers
-from files import CACHE_DIR, download
+from files import CACHE_DIR, download, os_error
 from gpt import GPT2_SIZES, GPT, GPTConfig
+from lora import add_adapters, load_adapters, merge_adapters
 
 
 def load_model(init_from):
@@ -83,14 +89,20 @@ def load_checkpoint(path, map_location="cpu"):
     return ckpt
 
 
-def model_from_checkpoint(ckpt, path="the checkpoint"):
-    """Build the GPT a checkpoint describes and load its weights, refusing weights that are NaN or inf."""
+def model_from_checkpoint(ckpt, path="the checkpoint", dropout=None):
+    """Build the GPT a checkpoint describes and load its weights, refusing weights that are NaN, inf or integers
+    (int8 weights quantized for sampling). A LoRA run's checkpoint gives its base with the adapters added.
+    dropout: the model's dropout from now on (None: the checkpoint's own)."""
+    quantized = next((k for k, t in ckpt["model"].items() if torch.is_tensor(t) and not t.is_floating_point()), None)
+    if quantized:
+        raise SystemExit(f"error: {path} holds {str(ckpt['model'][quantized].dtype)[6:]} weights ({quantized}), "
+                         f"not float ones, so it cannot be trained or loaded as a model; use the float checkpoint "
+                         f"they came from (generate.py --quantize=int8 quantizes weights as it loads them)")
+    if "lora" in ckpt:
+        return adapted_from_checkpoint(ckpt, path, dropout)
     try:
-        config = GPTConfig(**ckpt["model_config"])
-        for field in dataclasses.fields(config):  # a float may be given as an int; nothing else may differ
-            value = getattr(config, field.name)
-            if type(value) is not type(field.default) and not (type(field.default) is float and type(value) is int):
-                raise TypeError(f"{field.name} is {value!r}")
+        config = checked_config(ckpt["model_config"])
+        config.dropout = config.dropout if dropout is None else dropout
         model = GPT(config)
         model.load_state_dict(ckpt["model"])
     except (TypeError, ValueError, RuntimeError, AssertionError, ZeroDivisionError, OverflowError, MemoryError) as e:
@@ -99,10 +111,94 @@ def model_from_checkpoint(ckpt, path="the checkpoint"):
     return model
 
 
+def checked_config(fields):
+    """GPTConfig(**fields), each field of its default's type (a float may be given as an int); TypeError if not."""
+    config = GPTConfig(**fields)
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if type(value) is not type(field.default) and not (type(field.default) is float and type(value) is int):
+            raise TypeError(f"{field.name} is {value!r}")
+    return config
+
+
 def check_finite(model, source):
     bad = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
     if bad:
         raise SystemExit(f"error: {source} holds NaN or inf weights (in {bad}); use another checkpoint")
+
+
+# -----------------------------------------------------------------------------
+# Bases to fine-tune or adapt, and the LoRA checkpoints that point to them
+
+
+def load_base(init_from, dropout=None):
+    """The model to fine-tune or to adapt, as a plain GPT with every parameter trainable: GPT-2's weights (a size
+    or a folder) or a train.py checkpoint's (adapters in it merged into the weights); and the tokenizer of that
+    checkpoint as a dict (None for GPT-2, whose vocabulary is GPT-2's). dropout: None keeps the checkpoint's."""
+    if init_from in GPT2_SIZES or os.path.isdir(init_from):
+        return from_pretrained(init_from, dropout=dropout or 0.0), None
+    ckpt = load_checkpoint(init_from)
+    return merge_adapters(model_from_checkpoint(ckpt, init_from, dropout)), ckpt["tokenizer"]
+
+
+def base_reference(init_from):
+    """How a LoRA run's checkpoints name their base: a GPT-2 size as it is, a path made absolute (so that the
+    checkpoint can be read from anywhere), and the sha256 of the base's weights."""
+    base = init_from if init_from in GPT2_SIZES else os.path.abspath(init_from)
+    return dict(base=base, base_sha256=weights_sha256(base))
+
+
+def weights_sha256(init_from):
+    """The sha256 of the file(s) holding init_from's weights, read a MiB at a time: a train.py checkpoint, a GPT-2
+    size's model.safetensors in the cache (downloaded first if missing), or a folder's safetensors files in turn."""
+    if init_from in GPT2_SIZES:
+        paths = [gpt2_file(init_from)]
+    elif os.path.isdir(init_from):
+        paths = [os.path.join(init_from, name) for name in weight_files(init_from)]
+    else:
+        paths = [init_from]
+    digest = hashlib.sha256()
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                while chunk := f.read(2**20):
+                    digest.update(chunk)
+        except OSError as e:
+            raise os_error("read", path, e) from None
+    return digest.hexdigest()
+
+
+def adapted_from_checkpoint(ckpt, path, dropout=None):
+    """A LoRA run's model: its base, checked against the sha256 the run recorded and cropped as the run cropped
+    it, with the adapters added and loaded. dropout: None keeps the run's."""
+    try:
+        lora = ckpt["lora"]
+        base, sha256, rank, alpha, layers = (lora[k] for k in ("base", "base_sha256", "rank", "alpha", "layers"))
+        config = checked_config(ckpt["model_config"])
+        config.dropout = config.dropout if dropout is None else dropout
+    except (KeyError, TypeError, ValueError) as e:
+        raise SystemExit(f"error: {path} holds a damaged LoRA record ({type(e).__name__}: {str(e)[:80]}); use "
+                         f"another checkpoint of the run, or train the adapters again")
+    if base not in GPT2_SIZES and not os.path.exists(base):
+        raise SystemExit(f"error: {path} holds adapters for the base model {base}, which is not there any more; put "
+                         f"the base back at that path (the adapters mean nothing without it)")
+    if weights_sha256(base) != sha256:
+        raise SystemExit(f"error: {base}, the base model that {path} adapts, has changed since the adapters were "
+                         f"trained (its sha256 is no longer {sha256[:16]}...); put the original base back, or train "
+                         f"new adapters on this one")
+    model, _ = load_base(base, config.dropout)
+    if dataclasses.asdict(model.config) | dict(block_size=config.block_size) != dataclasses.asdict(config) or (
+            config.block_size > model.config.block_size):
+        raise SystemExit(f"error: {path} describes a model of another shape than its base {base}; use the base "
+                         f"its adapters were trained on")
+    model.crop_block_size(config.block_size)
+    add_adapters(model, rank, alpha, layers, generator=torch.Generator())  # the random A is overwritten next
+    try:
+        load_adapters(model, ckpt["model"])
+    except ValueError as e:
+        raise SystemExit(f"error: {path} does not hold the adapters its LoRA record describes ({str(e)[:120]})")
+    check_finite(model, path)
+    return model
 
 
 # -----------------------------------------------------------------------------
@@ -250,15 +346,8 @@ def gpt2_checkpoint(name_or_folder):
     """(GPTConfig fields, {name: tensor}, where they came from) for one of GPT2_SIZES, downloaded into
     CACHE_DIR the first time, or for a folder holding config.json and model.safetensors."""
     if name_or_folder in GPT2_SIZES:  # a folder with the same name can be passed as ./gpt2
-        name = name_or_folder
-        path = os.path.join(CACHE_DIR, name, "model.safetensors")
-        if not os.path.exists(path):
-            url = GPT2_URL.format(name)
-            print(f"downloading {name} from {url} to {path}", file=sys.stderr)
-            download(url, path, f"connect to the internet, or download model.safetensors and config.json "
-                                f"from https://huggingface.co/openai-community/{name} yourself and pass "
-                                f"the folder: --init_from=path/to/folder")
-        return dict(vocab_size=50257, block_size=1024, **GPT2_SIZES[name]), read_safetensors(path), path
+        path = gpt2_file(name_or_folder)
+        return dict(vocab_size=50257, block_size=1024, **GPT2_SIZES[name_or_folder]), read_safetensors(path), path
 
     folder = name_or_folder
     if not os.path.isdir(folder):
@@ -274,6 +363,18 @@ def gpt2_checkpoint(name_or_folder):
     for file in files:
         tensors.update(read_safetensors(os.path.join(folder, file)))
     return config, tensors, folder
+
+
+def gpt2_file(name):
+    """The path of a GPT-2 size's model.safetensors in CACHE_DIR, downloaded there the first time."""
+    path = os.path.join(CACHE_DIR, name, "model.safetensors")
+    if not os.path.exists(path):
+        url = GPT2_URL.format(name)
+        print(f"downloading {name} from {url} to {path}", file=sys.stderr)
+        download(url, path, f"connect to the internet, or download model.safetensors and config.json from "
+                            f"https://huggingface.co/openai-community/{name} yourself and pass the folder: "
+                            f"--init_from=path/to/folder")
+    return path
 
 
 def weight_files(folder):

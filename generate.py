@@ -6,10 +6,12 @@ generate.py: sample text from a checkpoint that train.py wrote.
     python generate.py --prompt=FILE:prompt.txt --temperature=0   # greedy: always the most likely token
     python generate.py --top_k=40 --top_p=0.9 --seed=7
     python generate.py --init_from=gpt2 --prompt="Hello, I'm a language model,"   # OpenAI's GPT-2 (downloaded once)
+    python generate.py --quantize=int8                              # int8 weights: less memory, faster on a CPU
 
-The checkpoint holds everything needed (weights, model shape, tokenizer). Text streams to stdout as it is made;
-the speed goes to stderr. Each new token is one forward pass over one position, thanks to the key/value cache in
-gpt.py; `--kv_cache=False` recomputes the whole context every step instead (same tokens, much slower).
+The checkpoint holds everything needed (weights, model shape, tokenizer); a LoRA run's holds the adapters and
+names its base, and the adapters are merged into the base's weights as it loads. Text streams to stdout as it is
+made; the speed goes to stderr. Each new token is one forward pass over one position, thanks to the key/value
+cache in gpt.py; `--kv_cache=False` recomputes the whole context every step instead (same tokens, much slower).
 """
 
 import codecs
@@ -24,6 +26,7 @@ from torch.nn import functional as F
 
 import configurator
 from checkpoint import load_model
+from lora import merge_adapters
 
 # -----------------------------------------------------------------------------
 init_from = "out/best.pt"  # a checkpoint of train.py's, or GPT-2: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a
@@ -38,6 +41,7 @@ seed = 1337  # the same seed, checkpoint and settings give the same text
 kv_cache = True  # reuse the keys and values of earlier positions
 device = "auto"  # 'auto' (cuda, then mps, then cpu), or 'cpu', 'cuda', 'mps'
 dtype = "auto"  # the weights' precision: 'auto' (bf16 or fp16 on a GPU, fp32 elsewhere), 'float32', 'bfloat16'
+quantize = ""  # 'int8': every linear layer's weight in int8, a quarter of fp32's bytes (Int8Linear); '': as loaded
 # -----------------------------------------------------------------------------
 
 
@@ -156,11 +160,18 @@ def sample_text(model, tok, prompt_text, max_new_tokens, num_samples=1, temperat
     return texts
 
 
-def load_for_sampling(init_from, device, dtype):
-    """The model and tokenizer from init_from (see checkpoint.py), on `device` in `dtype`, ready to sample from."""
+def load_for_sampling(init_from, device, dtype, quantize=""):
+    """The model and tokenizer from init_from (see checkpoint.py), on `device` in `dtype`, ready to sample from:
+    a LoRA run's adapters merged into the weights, and those quantized to int8 if `quantize` says so."""
+    if quantize not in ("", "int8"):
+        raise SystemExit(f"error: --quantize={quantize} is unknown; use int8, or leave it empty for the weights as "
+                         f"they are")
     model, tok = load_model(init_from)
-    model = model.to(device, getattr(torch, dtype)).eval()
-    use_slab_products(model)
+    model = merge_adapters(model).to(device, getattr(torch, dtype)).eval()  # the same outputs as unmerged, faster
+    if quantize:
+        quantize_int8(model)
+    else:
+        use_slab_products(model)
     return model, tok
 
 
@@ -222,6 +233,68 @@ def slabs_pay(threads):
     return fastest(slab_linear) < fastest(F.linear)
 
 
+# -----------------------------------------------------------------------------
+# Smaller weights: int8, with one scale per output row
+
+
+def int8_weights(weight):
+    """Per-output-channel symmetric int8 of a weight (out, in): (q, scale) with weight ~ q * scale[:, None], where
+    q is int8 in [-127, 127] and scale (out,) is the row's largest |w| / 127 rounded up to a bfloat16 (the dtype the
+    int8 kernel takes its scales in). Every weight lies within scale / 2 of its q * scale."""
+    w = weight.detach().float()
+    exact = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.bfloat16).tiny) / 127  # (out,); zeros: q = 0
+    scale = exact.bfloat16()
+    up = (scale.view(torch.int16) + 1).view(torch.bfloat16)  # the next bfloat16 above a positive one
+    scale = torch.where(scale.float() < exact, up, scale)  # so that no |w| / scale exceeds 127
+    q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)  # (out, in)
+    return q, scale
+
+
+def quantize_int8(model):
+    """Turn every nn.Linear of the model into an Int8Linear, in place. lm_head, tied to the token embedding, gets
+    an int8 copy of that table for its product, while the embedding's lookups keep reading the float table."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Linear:
+                setattr(module, name, Int8Linear(child))
+    return model
+
+
+class Int8Linear(nn.Module):
+    """nn.Linear with an int8 weight and a scale per output row (int8_weights): a quarter of fp32's bytes to hold,
+    and to read for every token. Only the weights are quantized: the activations stay float.
+
+    On a CPU, the product takes bf16 activations: a few rows (a cached sampling step) go through PyTorch's int8
+    kernel, torch._weight_int8pack_mm, which converts each int8 weight to float as it multiplies and scales the
+    output rows (vectorised for bf16 only, and only for in_features a multiple of 16); many rows (a prompt, an
+    evaluation) through a bf16 matmul with the int8 weight converted for that product, then scaled. Elsewhere the
+    int8 weight is converted to the activations' dtype for each product. The bias is added in float32."""
+
+    kernel_rows = 8  # up to this many rows the int8 kernel beats converting the weight for a matmul
+
+    def __init__(self, linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        q, scale = int8_weights(linear.weight)
+        self.weight = nn.Parameter(q, requires_grad=False)  # (out, in) int8: counted and moved like any weight
+        self.register_buffer("scale", scale)  # (out,) bfloat16
+        self.bias = linear.bias
+
+    def forward(self, x):
+        if x.device.type != "cpu":
+            y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+        else:
+            a = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (rows, in), a new tensor unless x was bf16
+            if len(a) <= self.kernel_rows and self.in_features % 16 == 0:
+                if a.data_ptr() % 32 or not a.is_contiguous():  # the kernel reads rows with aligned 32-byte loads
+                    a = a.clone(memory_format=torch.contiguous_format)
+                y = torch._weight_int8pack_mm(a, self.weight, self.scale)  # (rows, out) bf16
+            else:
+                y = F.linear(a, self.weight.to(torch.bfloat16)).float() * self.scale  # int8 is exact in bf16
+            y = y.view(*x.shape[:-1], self.out_features)
+        return (y if self.bias is None else y + self.bias).to(x.dtype)
+
+
 def main(args):
     configurator.configure(globals(), args)
     configurator.check_at_least(globals(), dict(max_new_tokens=1, num_samples=1))
@@ -241,7 +314,7 @@ def main(args):
             raise SystemExit(f"error: cannot read the prompt file {text[5:]} ({type(e).__name__}); "
                              f"give a UTF-8 text file")
     dev = configurator.pick_device(device)
-    model, tok = load_for_sampling(init_from, dev, configurator.pick_dtype(dtype, dev))  # fp32 off the GPU
+    model, tok = load_for_sampling(init_from, dev, configurator.pick_dtype(dtype, dev), quantize)  # fp32 off the GPU
     try:
         sample_text(model, tok, text, max_new_tokens, num_samples, temperature, top_k, top_p, seed, kv_cache)
     except KeyboardInterrupt:

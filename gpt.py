@@ -221,7 +221,7 @@ class GPT(nn.Module):
     def new_cache(self, batch_size):
         """An empty key/value cache per layer, for generating `batch_size` sequences at once."""
         c = self.config
-        p = self.lm_head.weight
+        p = self.transformer.wte.weight  # the cache takes the embedding's device and (float) dtype
         return [KVCache(batch_size, c.n_head, c.block_size, c.n_embd // c.n_head, p.device, p.dtype)
                 for _ in range(c.n_layer)]
 

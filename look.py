@@ -4,6 +4,7 @@ looks, and which tokens its embeddings place together; for train.py's checkpoint
 
     python look.py eval                                  # out/best.pt on the val split of the data it trained on
     python look.py eval --init_from=gpt2 --input=FILE    # any checkpoint on any UTF-8 text
+    python look.py eval --quantize=int8                  # the same model with int8 weights, as generate.py uses them
     python look.py curves --runs=out,out2                # train and val loss of runs, against steps and seconds
     python look.py attention --prompt="ROMEO:"           # every layer's and head's attention on a prompt
     python look.py neighbours --tokens=aeT.              # the tokens whose embeddings lie nearest these
@@ -34,6 +35,8 @@ import configurator
 import prepare
 import tokenizer as tokenizers
 from checkpoint import load_checkpoint, load_model, model_from_checkpoint
+from generate import quantize_int8
+from lora import merge_adapters
 from gpt import GPT2_SIZES, CausalSelfAttention
 
 # -----------------------------------------------------------------------------
@@ -55,18 +58,25 @@ top = 5  # neighbours per token
 png = ""  # where to write the picture; '': curves.png or attention.png in the current folder
 device = "auto"  # 'auto' (cuda, then mps, then cpu), or 'cpu', 'cuda', 'mps'
 dtype = "float32"  # the weights' precision: 'float32', or 'bfloat16' (faster on a GPU, a little less exact)
+quantize = ""  # 'int8': int8 weights, as generate.py --quantize=int8 samples with them; '': as loaded
 # -----------------------------------------------------------------------------
 
 
 def load(init_from, dev):
-    """The model on `dev` in eval mode, its tokenizer, and the data_dir it was trained on ('' for GPT-2's weights)."""
+    """The model on `dev` in eval mode, its tokenizer, and the data_dir it was trained on ('' for GPT-2's weights).
+    A LoRA run's model keeps its adapters beside the weights, as it trained, unless quantized (merged first)."""
+    if quantize not in ("", "int8"):
+        raise SystemExit(f"error: --quantize={quantize} is unknown; use int8, or leave it empty")
     if init_from in GPT2_SIZES or os.path.isdir(init_from):
         (model, tok), trained_on = load_model(init_from), ""
     else:  # a train.py checkpoint also knows its settings
         ckpt = load_checkpoint(init_from)
         model, tok = model_from_checkpoint(ckpt, init_from), tokenizers.from_dict(ckpt["tokenizer"])
         trained_on = ckpt.get("config", {}).get("data_dir", "")
-    return model.to(dev, getattr(torch, configurator.pick_dtype(dtype, dev))).eval(), tok, trained_on
+    model = model.to(dev, getattr(torch, configurator.pick_dtype(dtype, dev))).eval()
+    if quantize:
+        quantize_int8(merge_adapters(model))  # the weights generate.py --quantize=int8 samples with
+    return model, tok, trained_on
 
 
 # -----------------------------------------------------------------------------

@@ -7,6 +7,7 @@ prepare.py: turn a text file into training data.
     python prepare.py --tokenizer=bpe --vocab_size=4096   # byte-level BPE learned from the text -> data/bpe/
     python prepare.py --tokenizer=gpt2         # GPT-2's own 50,257-token BPE (vocabulary downloaded once)
     python prepare.py --tokenizer=gpt2 --gpt2_vocab=gpt2.tiktoken          # ... or read from a local file
+    python prepare.py --input=code.txt --tokenizer=data/bpe --data_dir=data/code   # data/bpe's tokenizer, reused
 
 Reads the text, splits it 90/10 into train and validation, encodes both, and writes to `data_dir`:
 
@@ -14,7 +15,9 @@ Reads the text, splits it 90/10 into train and validation, encodes both, and wri
     meta.json            the tokenizer, vocabulary size, token counts and the source's sha256
 
 With bpe and gpt2, `<|endoftext|>` written in the text is the special token that separates documents (one id),
-not thirteen characters of text. BPE learns its merges from the train split only.
+not thirteen characters of text. BPE learns its merges from the train split only. A prepared data folder as the
+tokenizer encodes a new text with that folder's tokenizer, as read from its meta.json: data a model trained on
+the folder can be fine-tuned on (train.py --init_from=path/to/best.pt).
 """
 
 import hashlib
@@ -31,7 +34,8 @@ from files import download, make_folder, os_error, remove_stale_temporaries, wri
 
 # -----------------------------------------------------------------------------
 input = "input.txt"  # UTF-8 text to learn from: a file, or an http(s):// URL to download into data_dir first
-tokenizer = "char"  # 'char': one token per character; 'bpe': byte-level BPE learned here; 'gpt2': GPT-2's BPE
+tokenizer = "char"  # 'char': one token per character; 'bpe': byte-level BPE learned here; 'gpt2': GPT-2's BPE;
+#                    or a prepared data folder (data/bpe), whose tokenizer encodes this text as well
 vocab_size = 4096  # bpe only: 256 bytes + merges + <|endoftext|>; more merges, shorter sequences, bigger embeddings
 gpt2_vocab = ""  # gpt2 only: a .tiktoken file, or a folder with vocab.json+merges.txt or encoder.json+vocab.bpe;
 #                  empty: download vocab.json+merges.txt from Hugging Face once, into files.CACHE_DIR
@@ -80,18 +84,26 @@ def split_point(text, val_fraction):
 
 
 def make_tokenizer(name, train_text, vocab_size=4096, gpt2_vocab=""):
-    """A new tokenizer of kind `name`; BPE learns from the train text only (its bytes cover any other text)."""
+    """A new tokenizer of kind `name`; BPE learns from the train text only (its bytes cover any other text). A
+    data folder's name gives the tokenizer in its meta.json."""
+    if os.path.isdir(name):
+        return tokenizers.from_dict(read_meta(name)["tokenizer"])
     if name == "char":
         return tokenizers.CharTokenizer.train(train_text)
     if name == "bpe":
         return tokenizers.BPETokenizer.train(train_text, vocab_size)
     if name == "gpt2":
         return tokenizers.gpt2_tokenizer(gpt2_vocab)
-    raise SystemExit(f"error: --tokenizer={name} is unknown; use char, bpe or gpt2")
+    raise SystemExit(f"error: --tokenizer={name} is unknown; use char, bpe, gpt2, or a folder prepare.py wrote "
+                     f"to reuse its tokenizer")
 
 
 def prepare(input=DEFAULT_INPUT, tokenizer="char", data_dir="", val_fraction=0.1, vocab_size=4096, gpt2_vocab=""):
-    """Encode `input` with a new `tokenizer` and write train.bin, val.bin and meta.json to `data_dir`."""
+    """Encode `input` with a new `tokenizer` (or a data folder's) and write train.bin, val.bin and meta.json to
+    `data_dir`."""
+    if os.path.isdir(tokenizer) and (not data_dir or os.path.realpath(data_dir) == os.path.realpath(tokenizer)):
+        raise SystemExit(f"error: --tokenizer={tokenizer} reuses that folder's tokenizer; pass --data_dir=NEW_DIR "
+                         f"for the new data, so that {tokenizer}'s own stays as it is")
     data_dir = data_dir or os.path.join("data", tokenizer)
     if not 0 < val_fraction < 1:
         raise SystemExit(f"error: --val_fraction={val_fraction} must be between 0 and 1, like 0.1")

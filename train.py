@@ -5,6 +5,7 @@ train.py: train a GPT (gpt.py) on the token ids that prepare.py wrote.
     python train.py --n_layer=6 --n_head=6 --n_embd=384 --block_size=256 --dropout=0.2 --batch_size=64 \
         --learning_rate=1e-3 --max_iters=5000 --min_lr=1e-4 --eval_interval=250 --eval_iters=200  # on a GPU
     python train.py --init_from=resume                # continue the run in out_dir exactly where it stopped
+    python train.py --init_from=out/best.pt --data_dir=data/new --out_dir=out-new --lora_rank=8   # adapt a model
     torchrun --standalone --nproc_per_node=8 train.py --gradient_accumulation_steps=8   # the same on 8 GPUs
 
 Reads data_dir/train.bin, val.bin and meta.json (preparing them first if data_dir is a default one and empty).
@@ -38,15 +39,17 @@ import tokenizer as tokenizers
 from files import make_folder, remove_stale_temporaries, write_atomically
 from gpt import GPT2_SIZES, GPT, GPTConfig
 from muon import Muon
-from checkpoint import from_pretrained, load_checkpoint, model_from_checkpoint, rng_state, set_rng_state
+from checkpoint import base_reference, load_base, load_checkpoint, model_from_checkpoint, rng_state, set_rng_state
+from lora import LAYERS, adapter_state, add_adapters
 
 # -----------------------------------------------------------------------------
 # where from, where to
 data_dir = "data/char"  # prepared data: train.bin, val.bin, meta.json
 out_dir = "out"  # checkpoints, config.json and log.jsonl
-init_from = "scratch"  # 'scratch', 'resume' (continue out_dir/last.pt), or fine-tune GPT-2: 'gpt2', 'gpt2-medium',
-#                        'gpt2-large', 'gpt2-xl' or a folder with a GPT-2's config.json and model.safetensors
-# the model (when resuming or fine-tuning, the checkpoint's shape is used; block_size may crop GPT-2's 1024).
+init_from = "scratch"  # 'scratch', 'resume' (continue out_dir/last.pt), or fine-tune a train.py checkpoint
+#                        (path/to/best.pt) or GPT-2: 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a folder
+#                        with a GPT-2's config.json and model.safetensors
+# the model (when resuming or fine-tuning, the checkpoint's shape is used; block_size may crop its positions).
 # In a few minutes on a CPU, a small model taking many small steps beats a bigger one taking few (docs/speed.md)
 n_layer = 6  # transformer blocks: depth
 n_head = 4  # attention heads per block
@@ -61,6 +64,11 @@ qk_norm = False  # normalised queries and keys in attention
 relu2 = False  # ReLU^2 instead of GELU in the MLP
 zero_init = False  # output projections start at zero
 tie_embeddings = True  # lm_head shares the token embedding's table
+# fine-tuning with low-rank adapters (lora.py): the base model stays frozen and only the adapters train, at
+# learning_rate on its schedule; checkpoints hold the adapters and a reference to the base
+lora_rank = 0  # rank of each adapter: more, closer to full fine-tuning; 0: no adapters, every weight trains
+lora_alpha = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
+lora_layers = "all"  # which linear layers of each block get adapters: 'attn', 'mlp' or 'all'
 # batches
 batch_size = 16  # sequences per micro-step (per process under torchrun)
 gradient_accumulation_steps = 1  # micro-steps per optimizer step, counted over all processes
@@ -123,6 +131,7 @@ def train(ckpt, dev):
     meta, data = load_dataset()
     torch.manual_seed(seed + RANK)  # dropout differs per process; DDP copies process 0's initial weights to all
     model = build_model(ckpt, meta, dev)
+    lora = lora_record(ckpt)  # a LoRA run's checkpoints: the adapters and the base they belong to; else None
 
     # precision and optimizer, and where a resumed run left them
     device_type, precision = dev.split(":")[0], resolve_precision(model, dev)
@@ -155,8 +164,8 @@ def train(ckpt, dev):
                     f"{' (best)' if improved else ''}, {progress.elapsed():.1f} s", flush=True)
                 append_log(step=iter_num, seconds=progress.elapsed(), train_loss=losses["train"],
                            val_loss=losses["val"])
-                save(["last.pt", "best.pt"] if improved else ["last.pt"], raw_model, optimizers, scaler, data_rng,
-                     meta, iter_num, best_val_loss, progress.elapsed())
+                save(["last.pt", "best.pt"] if improved else ["last.pt"], raw_model, lora, optimizers, scaler,
+                     data_rng, meta, iter_num, best_val_loss, progress.elapsed())
                 if MASTER and eval_sample_length > 0:
                     print_sample(raw_model, meta, eval_sample_length)
                 progress.restart(iter_num)  # leave evaluation out of the step timing
@@ -167,7 +176,7 @@ def train(ckpt, dev):
             if iter_num % log_interval == 0:
                 progress.log(iter_num, loss, get_lr(iter_num - 1))
             if stop:
-                save(["last.pt"], raw_model, optimizers, scaler, data_rng, meta, iter_num, best_val_loss,
+                save(["last.pt"], raw_model, lora, optimizers, scaler, data_rng, meta, iter_num, best_val_loss,
                      progress.elapsed())
                 log(f"saved {out_dir}/last.pt at step {iter_num}; continue with --init_from=resume")
                 raise SystemExit(130)
@@ -203,14 +212,24 @@ def configure(args):
             globals()["dtype"] = ckpt["precision"]
         fixed = {k: ckpt["model_config"].get(k, getattr(GPTConfig, k)) for k in MODEL_KEYS}
         fixed["muon"] = ckpt["config"].get("muon", False)  # which optimizer holds which moments
+        adapters = ckpt.get("lora", dict(rank=0, alpha=lora_alpha, layers=lora_layers))  # which weights train
+        fixed.update(lora_rank=adapters["rank"], lora_alpha=adapters["alpha"], lora_layers=adapters["layers"])
         clash = [k for k in fixed if k in overridden and globals()[k] != fixed[k]]
         if clash:
             saved = ", ".join(f"{k}={fixed[k]}" for k in clash)
             raise SystemExit(f"error: the checkpoint in {out_dir} has {saved}; drop those flags to resume, "
                              f"or start a new run with --init_from=scratch --out_dir=NEW_DIR")
-    elif init_from != "scratch" and init_from not in GPT2_SIZES and not os.path.isdir(init_from):
-        raise SystemExit(f"error: --init_from={init_from} is unknown; use scratch, resume, a GPT-2 size "
-                         f"({', '.join(GPT2_SIZES)}), or a folder with a GPT-2's config.json and model.safetensors")
+    elif init_from != "scratch" and init_from not in GPT2_SIZES and not os.path.exists(init_from):
+        raise SystemExit(f"error: --init_from={init_from} is unknown; use scratch, resume, a checkpoint's path, a "
+                         f"GPT-2 size ({', '.join(GPT2_SIZES)}), or a folder with a GPT-2's config.json and "
+                         f"model.safetensors")
+    elif init_from == "scratch" and lora_rank:
+        raise SystemExit(f"error: --lora_rank={lora_rank} adapts a trained model, and --init_from=scratch has none; "
+                         f"pass --init_from=path/to/best.pt or a GPT-2, or drop --lora_rank")
+    elif init_from != "scratch" and os.path.realpath(init_from) in (os.path.realpath(os.path.join(out_dir, name))
+                                                                   for name in ("best.pt", "last.pt")):
+        raise SystemExit(f"error: --init_from={init_from} lies in --out_dir={out_dir}, whose checkpoints this run "
+                         f"writes over; pass another --out_dir")
     if lr_decay_iters == 0:  # fixed now and saved: resuming with a larger --max_iters goes on at min_lr
         globals()["lr_decay_iters"] = max_iters
     check_settings()
@@ -231,6 +250,10 @@ def check_settings():
     if min_lr > learning_rate:
         raise SystemExit(f"error: --min_lr={min_lr} is above --learning_rate={learning_rate}; the lr decays to "
                          f"min_lr, so give a smaller one")
+    if lora_rank < 0 or lora_alpha <= 0 or lora_layers not in LAYERS:
+        raise SystemExit(f"error: --lora_rank={lora_rank}, --lora_alpha={lora_alpha}, --lora_layers={lora_layers}: "
+                         f"the rank must be >= 0 (0: no adapters), alpha > 0, and the layers one of "
+                         f"{', '.join(LAYERS)}")
     if gradient_accumulation_steps % WORLD_SIZE:
         raise SystemExit(f"error: --gradient_accumulation_steps={gradient_accumulation_steps} is the total over "
                          f"{WORLD_SIZE} processes and must be a multiple of {WORLD_SIZE}")
@@ -263,30 +286,47 @@ def load_dataset():
 
 
 def build_model(ckpt, meta, dev):
-    """A new GPT, the resumed one, or GPT-2 to fine-tune; its shape is recorded in the settings."""
+    """A new GPT, the resumed one, or one to fine-tune (a checkpoint's or GPT-2's, with low-rank adapters when
+    lora_rank > 0); its shape is recorded in the settings."""
     if ckpt:
         if ckpt["tokenizer"] != meta["tokenizer"]:
             raise SystemExit(f"error: the data in {data_dir} was tokenized differently from the checkpoint in "
                              f"{out_dir}; pass the --data_dir the run was trained on")
-        model = model_from_checkpoint(ckpt, os.path.join(out_dir, "last.pt"))
+        model = model_from_checkpoint(ckpt, os.path.join(out_dir, "last.pt"))  # a LoRA run's: base + adapters
     elif init_from == "scratch":
         model = GPT(GPTConfig(vocab_size=meta["vocab_size"], **{k: globals()[k] for k in MODEL_KEYS}))
-    else:  # fine-tuning GPT-2: the shape comes with the weights
-        changed = [k for k in SWITCHES if globals()[k] != getattr(GPTConfig, k)]
+    else:  # fine-tuning: the shape comes with the weights
+        model, tokenizer = load_base(init_from, dropout)
+        changed = [k for k in SWITCHES if globals()[k] not in (getattr(GPTConfig, k), getattr(model.config, k))]
         if changed:
-            raise SystemExit(f"error: --{changed[0]}={globals()[changed[0]]} changes the architecture, and GPT-2's "
-                             f"weights need GPT-2's; drop it to fine-tune {init_from}")
-        model = from_pretrained(init_from, dropout=dropout)
-        if model.config.vocab_size != meta["vocab_size"]:
+            raise SystemExit(f"error: --{changed[0]}={globals()[changed[0]]} changes the architecture, and the "
+                             f"weights of {init_from} need their own; drop it to fine-tune them")
+        if tokenizer is None and model.config.vocab_size != meta["vocab_size"]:
             raise SystemExit(f"error: {init_from} has a vocabulary of {model.config.vocab_size} but the data in "
                              f"{data_dir} has {meta['vocab_size']}; use --data_dir=data/gpt2 (prepared on first "
                              f"use) or data that python prepare.py --tokenizer=gpt2 wrote")
+        if tokenizer is not None and tokenizer != meta["tokenizer"]:
+            raise SystemExit(f"error: the data in {data_dir} was tokenized differently from {init_from}; prepare "
+                             f"it with that model's tokenizer: python prepare.py --input=FILE "
+                             f"--tokenizer=<the data_dir it was trained on> --data_dir=NEW_DIR")
         if block_size > model.config.block_size:
             raise SystemExit(f"error: --block_size={block_size} is longer than {init_from}'s "
                              f"{model.config.block_size} positions")
         model.crop_block_size(block_size)
+        if lora_rank:  # freeze every weight, and train adapters on the linear layers
+            add_adapters(model, lora_rank, lora_alpha, lora_layers, torch.Generator().manual_seed(seed))
     globals().update({k: getattr(model.config, k) for k in MODEL_KEYS})  # what was built, for config.json
     return model.to(dev)
+
+
+def lora_record(ckpt):
+    """What a LoRA run's checkpoints hold besides the adapters: their settings, and the base they belong to (its
+    name or absolute path, and its sha256); None for a run without adapters."""
+    if not lora_rank:
+        return None
+    if ckpt:
+        return ckpt["lora"]
+    return dict(rank=lora_rank, alpha=lora_alpha, layers=lora_layers, **base_reference(init_from))
 
 
 def resolve_precision(model, dev):
@@ -328,11 +368,13 @@ def make_optimizers(model, device_type):
     return [adamw, Muon(matrices, lr=muon_learning_rate, momentum=muon_momentum)] if muon else [adamw]
 
 
-def save(names, model, optimizers, scaler, data_rng, meta, iter_num, best_val_loss, seconds):
-    """Write everything needed to rebuild the model and continue the run exactly to out_dir/name, for each name.
-    Every process takes part (each one's random state is gathered); only one writes."""
+def save(names, model, lora, optimizers, scaler, data_rng, meta, iter_num, best_val_loss, seconds):
+    """Write everything needed to rebuild the model and continue the run exactly to out_dir/name, for each name
+    (for a LoRA run, the adapters and the `lora` record instead of every weight). Every process takes part (each
+    one's random state is gathered); only one writes."""
     adamw, *rest = optimizers
-    state = dict(model=model.state_dict(), optimizer=adamw.state_dict(), scaler=scaler.state_dict(),
+    weights = dict(model=adapter_state(model), lora=lora) if lora else dict(model=model.state_dict())
+    state = dict(**weights, optimizer=adamw.state_dict(), scaler=scaler.state_dict(),
                  **({"muon": rest[0].state_dict()} if rest else {}),
                  model_config=asdict(model.config), precision=dtype, tokenizer=meta["tokenizer"],
                  config=current_settings(), iter_num=iter_num, best_val_loss=best_val_loss, seconds=seconds,
@@ -508,7 +550,9 @@ class Progress:
         self.tokens_per_iter = batch_size * gradient_accumulation_steps * block_size
         self.flops_per_iter = bench.flops_per_token(model) * self.tokens_per_iter
         self.peak = bench.peak_flops(dev.split(":")[0], getattr(torch, dtype))
-        log(f"{model.num_params() / 1e6:.2f}M parameters on {dev} ({dtype}, {WORLD_SIZE} process"
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        frozen = f" ({trainable:,} of them trainable)" if trainable < model.num_params() else ""
+        log(f"{model.num_params() / 1e6:.2f}M parameters{frozen} on {dev} ({dtype}, {WORLD_SIZE} process"
             f"{'es' * (WORLD_SIZE > 1)}), {self.tokens_per_iter:,} tokens per step")
         self.t_start = time.perf_counter() - seconds
         self.restart(iter_num)

@@ -1,6 +1,7 @@
 """GPT-2 from the command line, offline: sample from a GPT-2 folder, and fine-tune one on GPT-2-tokenized text.
 The folder holds a small random GPT-2 with GPT-2's real vocabulary (50,257 tokens), saved by transformers."""
 
+import hashlib
 import json
 
 import pytest
@@ -56,3 +57,27 @@ def test_fine_tuning_gpt2_on_character_data_is_a_clear_error(gpt2_folder, corpus
     _, folder = gpt2_folder
     line = one_error_line(run_script("train.py", f"--init_from={folder}", "--max_iters=1", cwd=corpus))
     assert "has a vocabulary of 50257 but the data in data/char has" in line and "--data_dir=data/gpt2" in line
+
+
+def test_lora_on_a_gpt2_folder_saves_the_adapters_and_finds_the_same_weights_again(gpt2_folder, corpus):
+    _, folder = gpt2_folder
+    prepare.prepare(input=str(corpus / "input.txt"), tokenizer="gpt2", data_dir=str(corpus / "data" / "gpt2"),
+                    gpt2_vocab=shared_file(GPT2_TIKTOKEN))
+    result = run_script("train.py", f"--init_from={folder}", "--data_dir=data/gpt2", "--block_size=32",
+                        "--batch_size=2", "--max_iters=4", "--eval_interval=2", "--eval_iters=1", "--lora_rank=2",
+                        "--learning_rate=1e-2", "--sample_length=0", cwd=corpus)
+    assert result.returncode == 0, result.stderr
+    assert f"({2 * 2 * (4 * 32 + 2 * 32 + 5 * 32 + 5 * 32):,} of them trainable)" in result.stdout  # r(in+out)
+    ckpt = torch.load(corpus / "out" / "last.pt", weights_only=True)
+    assert ckpt["model"] and all(k.endswith(("lora_A", "lora_B")) for k in ckpt["model"])
+    weights = (folder / "model.safetensors").read_bytes()
+    assert ckpt["lora"]["base"] == str(folder) and ckpt["lora"]["base_sha256"] == hashlib.sha256(weights).hexdigest()
+
+    from checkpoint import from_pretrained, load_model
+
+    adapted, _ = load_model(str(corpus / "out" / "last.pt"))
+    gpt2 = from_pretrained(str(folder))
+    gpt2.crop_block_size(32)
+    frozen = {k: v for k, v in adapted.state_dict().items() if "lora_" not in k}
+    assert frozen.keys() == gpt2.state_dict().keys()
+    assert all(torch.equal(v, gpt2.state_dict()[k]) for k, v in frozen.items())

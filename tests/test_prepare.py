@@ -209,7 +209,7 @@ def test_bad_input_gives_one_clear_line(tmp_path, content, message):
     (["--vocab_size=300"], "--vocab_size only applies to --tokenizer=bpe"),
     (["--tokenizer=bpe", "--gpt2_vocab=x"], "--gpt2_vocab only applies to --tokenizer=gpt2"),
     (["--tokenizer=gpt2", "--gpt2_vocab=nowhere"], "--gpt2_vocab=nowhere not found; pass --gpt2_vocab=PATH"),
-    (["--tokenizer=wordpiece"], "--tokenizer=wordpiece is unknown; use char, bpe or gpt2"),
+    (["--tokenizer=wordpiece"], "--tokenizer=wordpiece is unknown; use char, bpe, gpt2, or a folder prepare.py wrote"),
 ])
 def test_bad_tokenizer_settings_give_one_clear_line(corpus, args, message):
     assert message in one_error_line(run_script("prepare.py", *args, cwd=corpus))
@@ -233,3 +233,32 @@ def test_tiny_shakespeare_comes_with_the_code_so_a_fresh_clone_needs_no_network(
 
     with open(os.path.join(ROOT, prepare.DEFAULT_INPUT), "rb") as f:
         assert hashlib.sha256(f.read()).hexdigest() == prepare.SHAKESPEARE_SHA256
+
+
+def test_a_data_folder_as_the_tokenizer_encodes_a_new_text_with_that_folders_tokenizer(tmp_path):
+    (tmp_path / "book.txt").write_text(small_text(), encoding="utf-8")
+    prepare.prepare(input=str(tmp_path / "book.txt"), tokenizer="bpe", vocab_size=300, data_dir=str(tmp_path / "bpe"))
+    code = "def f(x):\n    return {x: [1, 2, 3]}  # café 🙂\n" * 50  # characters and words the BPE never saw
+    (tmp_path / "code.txt").write_text(code, encoding="utf-8")
+    prepare.prepare(input=str(tmp_path / "code.txt"), tokenizer=str(tmp_path / "bpe"), data_dir=str(tmp_path / "code"))
+
+    old, new = (json.loads((tmp_path / d / "meta.json").read_text(encoding="utf-8")) for d in ("bpe", "code"))
+    assert new["tokenizer"] == old["tokenizer"] and new["vocab_size"] == 300
+    tok = from_dict(old["tokenizer"])
+    train = np.fromfile(tmp_path / "code" / "train.bin", dtype=np.uint16).tolist()
+    val = np.fromfile(tmp_path / "code" / "val.bin", dtype=np.uint16).tolist()
+    n = int(len(code) * 0.9)
+    assert (train, val) == (tok.encode(code[:n]), tok.encode(code[n:]))
+    assert tok.decode(train) + tok.decode(val) == code
+
+
+def test_reusing_a_folders_tokenizer_needs_a_data_dir_of_its_own(tmp_path):
+    (tmp_path / "input.txt").write_text(small_text(), encoding="utf-8")
+    assert run_script("prepare.py", cwd=tmp_path).returncode == 0  # data/char
+    for args in ([], ["--data_dir=data/char"]):
+        line = one_error_line(run_script("prepare.py", "--tokenizer=data/char", *args, cwd=tmp_path))
+        assert "reuses that folder's tokenizer; pass --data_dir=NEW_DIR" in line
+    (tmp_path / "other.txt").write_text("XYZ " * 100, encoding="utf-8")
+    line = one_error_line(run_script("prepare.py", "--input=other.txt", "--tokenizer=data/char",
+                                     "--data_dir=data/other", cwd=tmp_path))
+    assert "characters outside this model's vocabulary: 'X' 'Y' 'Z'" in line
