@@ -55,18 +55,24 @@ def norm(config, size):
     return nn.RMSNorm(size, eps=1e-5) if config.rmsnorm else nn.LayerNorm(size, bias=config.bias)
 
 
-def rotate(x, start):
-    """Rotary position embedding of x (B, nh, T, hs) at positions start, ..., start + T - 1: each pair of
-    dimensions (i, i + hs/2) turns by the angle position * 10000^(-2i/hs). A query at position m and a key at n
-    then meet at the angle (m - n) * frequency: their dot product depends on how far apart they are, not where."""
-    T, hs = x.size(2), x.size(3)
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32  # angles at least as precise as x
-    frequency = 10000.0 ** (-torch.arange(0, hs, 2, device=x.device, dtype=dtype) / hs)  # (hs/2,)
-    position = torch.arange(start, start + T, device=x.device, dtype=dtype)  # (T,)
+def rotary(start, T, hs, dtype, device):
+    """RoPE's rotations for positions start, ..., start + T - 1, as (cos, sin), each (T, hs): each pair of dimensions
+    (i, i + hs/2) turns by the angle position * 10000^(-2i/hs). sin carries the pair's signs: (-sin, sin).
+    Computed once per forward pass, for every layer."""
+    precise = torch.float64 if dtype == torch.float64 else torch.float32  # angles at least as precise as x
+    frequency = 10000.0 ** (-torch.arange(0, hs, 2, device=device, dtype=precise) / hs)  # (hs/2,)
+    position = torch.arange(start, start + T, device=device, dtype=precise)  # (T,)
     angle = position[:, None] * frequency[None, :]  # (T, hs/2)
-    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+    return angle.cos().repeat(1, 2), torch.cat([-angle.sin(), angle.sin()], dim=-1)  # (T, hs) each
+
+
+def rotate(x, rotation):
+    """Rotary position embedding of x (B, nh, T, hs): (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) for each pair
+    of dimensions x1 = x[..., i], x2 = x[..., i + hs/2], by the angles of rotary(). A query at position m and a key
+    at n then meet at the angle (m - n) * frequency: their dot product depends on how far apart they are, not where."""
+    cos, sin = (t.to(x.dtype) for t in rotation)
     x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hs/2) each
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return x * cos + torch.cat([x2, x1], dim=-1) * sin
 
 
 class CausalSelfAttention(nn.Module):
@@ -84,20 +90,19 @@ class CausalSelfAttention(nn.Module):
         assert not config.rope or config.n_embd // config.n_head % 2 == 0, "rope needs an even head size"
         self.n_head = config.n_head
         self.dropout = config.dropout
-        self.rope, self.qk_norm = config.rope, config.qk_norm
+        self.qk_norm = config.qk_norm
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # query, key, value at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)  # mixes the heads back together
         self.weights = None  # the written-out path keeps its attention weights here: (B, nh, T, Tk)
 
-    def forward(self, x, cache=None):
+    def forward(self, x, cache=None, rotation=None):
         B, T, C = x.size()
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3 * C) cut into 3 x nh heads
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs) unpacked: each (B, nh, T, hs)
         if self.qk_norm:  # unit RMS per head: a score is a cosine similarity times sqrt(hs)
             q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
-        if self.rope:  # positions enter here, as rotations, not as a table added to the input
-            start = cache.len if cache is not None else 0
-            q, k = rotate(q, start), rotate(k, start)
+        if rotation is not None:  # RoPE: positions enter here, as rotations, not as a table added to the input
+            q, k = rotate(q, rotation), rotate(k, rotation)
         if cache is not None:  # generation: remember this step's keys and values, attend over all so far
             k, v = cache.append(k, v)  # (B, nh, Tk, hs), Tk = positions cached before + T
         if self.fast:  # a single new query (T == 1) comes after every cached key, so it needs no mask
@@ -146,8 +151,8 @@ class Block(nn.Module):
         self.ln_2 = norm(config, config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None):
-        x = x + self.attn(self.ln_1(x), cache)
+    def forward(self, x, cache=None, rotation=None):
+        x = x + self.attn(self.ln_1(x), cache, rotation)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -194,8 +199,10 @@ class GPT(nn.Module):
         if not self.config.rope:
             x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))  # + (T, C)
         x = F.dropout(x, self.config.dropout, self.training)
+        hs = self.config.n_embd // self.config.n_head
+        rotation = rotary(start, T, hs, x.dtype, x.device) if self.config.rope else None  # shared by every layer
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cache[i] if cache else None)
+            x = block(x, cache[i] if cache else None, rotation)
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None, cache=None):

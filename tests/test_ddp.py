@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from conftest import ROOT, one_error_line, run_script
+from conftest import ROOT, run_script
 
 TINY = ["--device=cpu", "--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--eval_iters=2",
         "--log_interval=1", "--warmup_iters=0", "--learning_rate=1e-2", "--sample_length=0"]

@@ -173,15 +173,31 @@ SWITCHES = dict(rope=True, rmsnorm=True, qk_norm=True, relu2=True, zero_init=Tru
 
 
 def test_rotary_scores_depend_only_on_how_far_apart_a_query_and_a_key_are():
-    from gpt import rotate
+    from gpt import rotary, rotate
+
+    def at(x, start):  # x (1, 2, 8, 16) at positions start, ..., start + 7
+        return rotate(x, rotary(start, 8, 16, x.dtype, x.device))
 
     torch.manual_seed(0)
     q, k = torch.randn(1, 2, 8, 16, dtype=torch.float64), torch.randn(1, 2, 8, 16, dtype=torch.float64)
-    scores = rotate(q, 0) @ rotate(k, 0).transpose(-2, -1)  # (1, 2, 8, 8): query i, key j at positions i, j
+    scores = at(q, 0) @ at(k, 0).transpose(-2, -1)  # (1, 2, 8, 8): query i, key j at positions i, j
     for shift in (1, 5, 1000):  # the same tokens further along: every distance is the same, so every score is
-        torch.testing.assert_close(rotate(q, shift) @ rotate(k, shift).transpose(-2, -1), scores)
-    assert not torch.allclose(rotate(q, 0) @ rotate(k, 3).transpose(-2, -1), scores)  # other distances differ
-    torch.testing.assert_close(rotate(q, 7).norm(dim=-1), q.norm(dim=-1))  # a rotation: lengths stay
+        torch.testing.assert_close(at(q, shift) @ at(k, shift).transpose(-2, -1), scores)
+    assert not torch.allclose(at(q, 0) @ at(k, 3).transpose(-2, -1), scores)  # other distances differ
+    torch.testing.assert_close(at(q, 7).norm(dim=-1), q.norm(dim=-1))  # a rotation: lengths stay
+
+
+def test_rotary_turns_each_pair_of_dimensions_as_a_complex_number_times_its_phase():
+    from gpt import rotary, rotate
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 8, dtype=torch.float64)
+    z = torch.complex(x[..., :4], x[..., 4:])  # pair (i, i + 4) as x_i + j x_{i+4}
+    position = torch.arange(10, 15, dtype=torch.float64)[:, None]  # (5, 1): positions 10..14
+    frequency = 10000.0 ** (-torch.arange(4, dtype=torch.float64) / 4)  # 10000^(-2i/8)
+    turned = z * torch.polar(torch.ones(5, 4, dtype=torch.float64), position * frequency)  # times e^(j angle)
+    expected = torch.cat([turned.real, turned.imag], dim=-1)
+    torch.testing.assert_close(rotate(x, rotary(10, 5, 8, x.dtype, x.device)), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_rmsnorm_is_x_over_its_root_mean_square_times_a_gain():
