@@ -7,7 +7,7 @@ U S V^T: every direction the gradient points in moves by the same amount, so the
 common ones. An SVD per step would be slow, so five iterations of a Newton-Schulz polynomial push the singular
 values close to 1 instead, with matrix products only.
 
-    python train.py --optimizer=muon       # Muon for the blocks' matrices, AdamW for embeddings, gains, biases
+    python train.py --muon=True            # Muon for the blocks' matrices, AdamW for embeddings, gains, biases
 
 Used by train.py, which makes one Muon for the 2-D weights inside the transformer blocks and one AdamW for the rest.
 """
