@@ -3,7 +3,8 @@ train.py: train a GPT (gpt.py) on the token ids that prepare.py wrote.
 
     python train.py                                   # a Shakespeare model in minutes on a CPU, then a sample
     python train.py --n_layer=6 --n_head=6 --n_embd=384 --block_size=256 --dropout=0.2 --batch_size=64 \
-        --learning_rate=1e-3 --max_iters=5000 --min_lr=1e-4 --eval_interval=250 --eval_iters=200  # on a GPU
+        --learning_rate=1e-3 --max_iters=5000 --min_lr=1e-4 --eval_interval=250 --eval_iters=200 \
+        --rope=False --zero_init=False --muon=False   # on a GPU: the classic 6 x 384 run, GPT-2's recipe
     python train.py --init_from=resume                # continue the run in out_dir exactly where it stopped
     python train.py --init_from=out/best.pt --data_dir=data/new --out_dir=out-new --lora_rank=8   # adapt a model
     torchrun --standalone --nproc_per_node=8 train.py --gradient_accumulation_steps=8   # the same on 8 GPUs
@@ -57,12 +58,13 @@ n_embd = 64  # width of the residual stream; cost grows with its square
 block_size = 64  # context length in tokens; attention cost grows with it
 dropout = 0.0  # regularisation; helps bigger models on small data (0.2 for the 6-layer GPU run)
 bias = True  # biases in Linear and LayerNorm layers, as in GPT-2
-# past GPT-2's architecture (gpt.py's GPTConfig explains each; models trained from scratch only)
-rope = False  # rotary position embeddings instead of a learned position table
+# past GPT-2's architecture (gpt.py's GPTConfig explains each). On by default: what docs/speed.md measured to pay
+# in minutes on a CPU. Fine-tuning takes its base's architecture, and AdamW, unless these are given
+rope = True  # rotary position embeddings instead of a learned position table
 rmsnorm = False  # RMSNorm instead of LayerNorm
 qk_norm = False  # normalised queries and keys in attention
 relu2 = False  # ReLU^2 instead of GELU in the MLP
-zero_init = False  # output projections start at zero
+zero_init = True  # output projections start at zero
 tie_embeddings = True  # lm_head shares the token embedding's table
 # fine-tuning with low-rank adapters (lora.py): the base model stays frozen and only the adapters train, at
 # learning_rate on its schedule; checkpoints hold the adapters and a reference to the base
@@ -74,7 +76,7 @@ batch_size = 16  # sequences per micro-step (per process under torchrun)
 gradient_accumulation_steps = 1  # micro-steps per optimizer step, counted over all processes
 # AdamW with linear warmup and cosine decay
 learning_rate = 5e-3  # peak learning rate; small models take large steps
-max_iters = 4000  # optimizer steps in the whole run; more steps, lower loss, longer wait
+max_iters = 2500  # optimizer steps in the whole run; more steps, lower loss, longer wait
 lr_decay_iters = 0  # steps over which the lr decays to min_lr; 0: max_iters (kept when a resume adds steps)
 warmup_iters = 100  # steps of linear warmup from 0 to learning_rate
 min_lr = 1e-4  # the lr at the end of the decay
@@ -82,8 +84,8 @@ weight_decay = 0.1  # applied to matrices and embeddings only, never to biases o
 beta1 = 0.9  # AdamW momentum
 beta2 = 0.99  # AdamW second-moment decay; 0.99 suits small batches better than GPT-2's 0.95
 grad_clip = 1.0  # clip the gradient's global norm to this; 0 turns clipping off
-muon = False  # Muon for the blocks' weight matrices (muon.py), AdamW for embeddings, gains and biases
-muon_learning_rate = 0.02  # Muon's peak lr, on the same warmup and decay as learning_rate
+muon = True  # Muon for the blocks' weight matrices (muon.py), AdamW for embeddings, gains and biases
+muon_learning_rate = 0.01  # Muon's peak lr, on the same warmup and decay as learning_rate
 muon_momentum = 0.95  # Muon's (Nesterov) momentum
 # evaluation and logging
 eval_interval = 500  # evaluate, and write checkpoints, every this many steps
@@ -230,6 +232,12 @@ def configure(args):
                                                                    for name in ("best.pt", "last.pt")):
         raise SystemExit(f"error: --init_from={init_from} lies in --out_dir={out_dir}, whose checkpoints this run "
                          f"writes over; pass another --out_dir")
+    if init_from not in ("scratch", "resume"):  # fine-tuning: the weights bring their own architecture
+        for k in SWITCHES:
+            if k not in overridden:
+                globals()[k] = None  # the base's, once build_model has loaded it
+        if "muon" not in overridden:  # and AdamW fine-tunes them, as they were trained, unless asked otherwise
+            globals()["muon"] = False
     if lr_decay_iters == 0:  # fixed now and saved: resuming with a larger --max_iters goes on at min_lr
         globals()["lr_decay_iters"] = max_iters
     check_settings()
@@ -245,6 +253,9 @@ def check_settings():
     configurator.check_seed(seed)
     if n_embd % n_head:
         raise SystemExit(f"error: --n_embd={n_embd} must be a multiple of --n_head={n_head}")
+    if rope and n_embd // n_head % 2:
+        raise SystemExit(f"error: --rope=True turns pairs of dimensions, so the head size (n_embd / n_head = "
+                         f"{n_embd // n_head}) must be even; change --n_embd or --n_head, or pass --rope=False")
     if not 0 <= dropout < 1:
         raise SystemExit(f"error: --dropout={dropout} must be in [0, 1)")
     if min_lr > learning_rate:
@@ -297,7 +308,7 @@ def build_model(ckpt, meta, dev):
         model = GPT(GPTConfig(vocab_size=meta["vocab_size"], **{k: globals()[k] for k in MODEL_KEYS}))
     else:  # fine-tuning: the shape comes with the weights
         model, tokenizer = load_base(init_from, dropout)
-        changed = [k for k in SWITCHES if globals()[k] not in (getattr(GPTConfig, k), getattr(model.config, k))]
+        changed = [k for k in SWITCHES if globals()[k] is not None and globals()[k] != getattr(model.config, k)]
         if changed:
             raise SystemExit(f"error: --{changed[0]}={globals()[changed[0]]} changes the architecture, and the "
                              f"weights of {init_from} need their own; drop it to fine-tune them")

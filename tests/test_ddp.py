@@ -120,12 +120,13 @@ def test_processes_synchronise_gradients_once_per_step_and_draw_their_own_dropou
     (corpus / "recorder.py").write_text(RECORDER, encoding="utf-8")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                str(corpus / "recorder.py"), os.path.join(ROOT, "train.py"), *TINY, "--batch_size=4",
-               "--gradient_accumulation_steps=4", "--max_iters=3", "--eval_interval=100", "--dropout=0.2"]
+               "--gradient_accumulation_steps=4", "--max_iters=3", "--eval_interval=100", "--dropout=0.2",
+               "--muon=True"]
     result = subprocess.run(command, cwd=corpus, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     runs = [json.loads((corpus / f"events{rank}.json").read_text()) for rank in (0, 1)]
-    for run in runs:  # 4 micro-steps over 2 processes: 2 each, and one all-reduce of the gradients per step
-        assert run["events"] == ["micro", "micro", "sync", "step"] * 3
+    for run in runs:  # 4 micro-steps over 2 processes: 2 each, one all-reduce of the gradients per step, and
+        assert run["events"] == ["micro", "micro", "sync", "step", "step"] * 3  # then AdamW's step and Muon's
     mask0, mask1 = (torch.tensor(run["mask"]) for run in runs)
     assert 0.1 < mask0.float().mean() < 0.3 and 0.1 < mask1.float().mean() < 0.3  # dropout 0.2 of the activations
     assert (mask0 != mask1).float().mean() > 0.2  # masks drawn independently: they differ in about 32% of places

@@ -47,10 +47,22 @@ def test_train_fine_tunes_a_gpt2_folder_and_generate_samples_from_the_result(gpt
     assert ckpt["model"]["transformer.wpe.weight"].shape == (32, 32)  # GPT-2's 64 positions, cropped
     config = json.loads((corpus / "out" / "config.json").read_text())
     assert (config["n_layer"], config["n_embd"]) == (2, 32)  # the shape that was loaded, not the defaults
+    # GPT-2's architecture and AdamW, though train.py's own defaults go past them (RoPE, Muon, ...)
+    assert not any(config[k] for k in ("rope", "rmsnorm", "qk_norm", "relu2", "zero_init", "muon"))
+    assert config["tie_embeddings"] and "muon" not in ckpt
 
     sample = run_script("generate.py", "--init_from=out/last.pt", "--prompt=The king", "--max_new_tokens=5",
                         cwd=corpus)
     assert sample.returncode == 0 and sample.stdout.startswith("The king"), sample.stderr
+
+
+def test_fine_tuning_gpt2_with_another_architecture_is_a_clear_error(gpt2_folder, corpus):
+    _, folder = gpt2_folder
+    prepare.prepare(input=str(corpus / "input.txt"), tokenizer="gpt2", data_dir=str(corpus / "data" / "gpt2"),
+                    gpt2_vocab=shared_file(GPT2_TIKTOKEN))
+    line = one_error_line(run_script("train.py", f"--init_from={folder}", "--data_dir=data/gpt2", "--rope=True",
+                                     "--max_iters=1", cwd=corpus))
+    assert f"--rope=True changes the architecture, and the weights of {folder} need their own" in line
 
 
 def test_fine_tuning_gpt2_on_character_data_is_a_clear_error(gpt2_folder, corpus):

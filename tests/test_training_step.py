@@ -15,10 +15,12 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 import gpt
 from conftest import small_text
 
-# a tiny run that goes through every part of the step: dropout, two micro-steps per step, both weight-decay
-# groups, warmup (steps 0-2), the cosine (3-6), the floor after it (7-9), and a gradient norm above grad_clip at
-# steps 0 and 1 only, so that the clipped and the unclipped step are both taken
-RUN = dict(n_layer=2, n_head=2, n_embd=16, block_size=16, dropout=0.1, bias=True, batch_size=4,
+# a tiny run of GPT-2's recipe (its architecture, and AdamW alone) that goes through every part of the step:
+# dropout, two micro-steps per step, both weight-decay groups, warmup (steps 0-2), the cosine (3-6), the floor
+# after it (7-9), and a gradient norm above grad_clip at steps 0 and 1 only, so that the clipped and the
+# unclipped step are both taken
+GPT2_RECIPE = dict(rope=False, zero_init=False, muon=False)  # train.py's defaults go past GPT-2's
+RUN = dict(**GPT2_RECIPE, n_layer=2, n_head=2, n_embd=16, block_size=16, dropout=0.1, bias=True, batch_size=4,
            gradient_accumulation_steps=2, learning_rate=1e-2, min_lr=1e-3, warmup_iters=3, lr_decay_iters=7,
            max_iters=10, weight_decay=0.1, beta1=0.9, beta2=0.99, grad_clip=1.0, seed=1337)
 
@@ -186,7 +188,8 @@ def first_step_gradients(tmp_path, name, **settings):
     folder = tmp_path / name
     folder.mkdir()
     (folder / "input.txt").write_text(small_text(), encoding="utf-8")
-    base = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, learning_rate=1e-2, warmup_iters=0, max_iters=1)
+    base = dict(**GPT2_RECIPE, n_layer=1, n_head=2, n_embd=16, block_size=16, learning_rate=1e-2, warmup_iters=0,
+                max_iters=1)
     seen = train_in_process(folder, **{**base, **settings})
     return torch.cat([grad.flatten() for group in seen["steps"][0] for grad in group["grads"]]), seen["losses"]
 
