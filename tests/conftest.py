@@ -60,6 +60,20 @@ def small_text(n_lines=400):
     return "\n".join(lines) + "\n"
 
 
+def trained_folder(tmp_path_factory, name, *args):
+    """A new folder holding small_text() as input.txt, its data/char, and what train.py's main() wrote there when
+    run with args (quietly)."""
+    import contextlib
+    import io
+
+    folder = tmp_path_factory.mktemp(name)
+    (folder / "input.txt").write_text(small_text(), encoding="utf-8")
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(io.StringIO()):
+        mp.chdir(folder)
+        importlib.import_module("train").main(list(args))
+    return folder
+
+
 @pytest.fixture
 def script(monkeypatch, corpus):
     """Run a script's main() in this process, in the corpus folder (main() starts from the file's settings)."""

@@ -2,10 +2,8 @@
 checkpoints that find their base and notice when it changed, exact resume, merging, and fine-tuning from a
 train.py checkpoint."""
 
-import contextlib
 import copy
 import importlib
-import io
 import os
 import shutil
 
@@ -16,7 +14,7 @@ import bench
 import lora
 import prepare
 from checkpoint import load_model
-from conftest import one_error_line, run_script, small_text
+from conftest import one_error_line, run_script, trained_folder
 from generate import load_for_sampling
 from gpt import GPT, GPTConfig
 
@@ -28,12 +26,7 @@ ADAPTED = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # the linear
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A folder holding input.txt, its data/char, and base/: a small model train.py trained on it."""
-    folder = tmp_path_factory.mktemp("lora")
-    (folder / "input.txt").write_text(small_text(), encoding="utf-8")
-    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(io.StringIO()):
-        mp.chdir(folder)
-        importlib.import_module("train").main([*TINY, "--max_iters=30", "--eval_interval=10", "--out_dir=base"])
-    return folder
+    return trained_folder(tmp_path_factory, "lora", *TINY, "--max_iters=30", "--eval_interval=10", "--out_dir=base")
 
 
 @pytest.fixture

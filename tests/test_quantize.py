@@ -1,17 +1,15 @@
 """int8 weights for sampling: the rounding bound, the product on either path against a float64 reference, greedy
 text against fp32's, the command lines, and why a quantized checkpoint can never be trained on by mistake."""
 
-import contextlib
 import copy
 import importlib
-import io
 import re
 
 import pytest
 import torch
 
 import generate
-from conftest import one_error_line, run_script, small_text
+from conftest import one_error_line, run_script, trained_folder
 from generate import Int8Linear, int8_weights, quantize_int8
 from gpt import GPT, GPTConfig
 
@@ -19,14 +17,9 @@ from gpt import GPT, GPTConfig
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A folder with input.txt, data/char and out/: a small model (32 wide, so the int8 kernel applies)."""
-    folder = tmp_path_factory.mktemp("int8")
-    (folder / "input.txt").write_text(small_text(), encoding="utf-8")
-    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(io.StringIO()):
-        mp.chdir(folder)
-        importlib.import_module("train").main(["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
-                                               "--batch_size=8", "--max_iters=60", "--eval_interval=30",
-                                               "--eval_iters=2", "--sample_length=0", "--device=cpu"])
-    return folder
+    return trained_folder(tmp_path_factory, "int8", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
+                          "--batch_size=8", "--max_iters=60", "--eval_interval=30", "--eval_iters=2",
+                          "--sample_length=0", "--device=cpu")
 
 
 def test_every_weight_is_within_half_a_scale_of_its_int8_value():

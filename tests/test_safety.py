@@ -15,6 +15,7 @@ import torch
 
 from conftest import ROOT, one_error_line, run_script
 
+GPT2_RECIPE = ["--rope=False", "--zero_init=False", "--muon=False"]  # train.py's defaults go past GPT-2's
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_size=4", "--eval_iters=2",
         "--log_interval=5", "--warmup_iters=2", "--learning_rate=1e-2", "--sample_length=0"]
 
@@ -74,8 +75,8 @@ def test_a_resume_applies_new_optimizer_settings_and_keeps_the_lr_schedule(scrip
 
 
 def test_a_resumed_run_still_knows_its_best_val_loss(script, corpus, capsys):
-    # lr 0.3 makes the val loss go up and down: best at step 8, worse at 12 (where the first run stops) and at 16
-    args = [*TINY, "--eval_interval=4", "--learning_rate=0.3", "--lr_decay_iters=40"]
+    # lr 0.3 makes AdamW's val loss go up and down: best at step 8, worse at 12 (where the first run stops) and 16
+    args = [*TINY, *GPT2_RECIPE, "--eval_interval=4", "--learning_rate=0.3", "--lr_decay_iters=40"]
     script("train", *args, "--max_iters=12")
     first = capsys.readouterr().out
     best = (corpus / "out" / "best.pt").read_bytes()
@@ -364,21 +365,20 @@ def test_generate_rejects_bad_settings(script, args, message):
 def test_each_switch_past_gpt2_trains_and_resumes_bit_identically(script, corpus, switch):
     every = ["--rope=True", "--rmsnorm=True", "--qk_norm=True", "--relu2=True", "--zero_init=True",
              "--tie_embeddings=False", "--muon=True"]
-    gpt2 = ["--rope=False", "--zero_init=False", "--muon=False"]  # GPT-2's recipe, which each switch departs from
-    args = [*TINY, *gpt2, "--dropout=0.1", "--eval_interval=4", "--lr_decay_iters=12",
+    args = [*TINY, *GPT2_RECIPE, "--dropout=0.1", "--eval_interval=4", "--lr_decay_iters=12",
             *(every if switch == "all" else [switch])]
     script("train", *args, "--max_iters=12", "--out_dir=straight")
     script("train", *args, "--max_iters=6", "--out_dir=broken")
     script("train", "--init_from=resume", "--max_iters=12", "--out_dir=broken")
     a, b = load(corpus / "straight" / "last.pt"), load(corpus / "broken" / "last.pt")
     assert_same_state(a["model"], b["model"])
-    for name in ("optimizer", "muon") if "muon" in " ".join(args) else ("optimizer",):
+    for name in ("optimizer", "muon") if "--muon=True" in args else ("optimizer",):
         for pa, pb in zip(a[name]["state"].values(), b[name]["state"].values()):
             assert_same_state(pa, pb)
     on = {k.split("=")[0][2:]: k.endswith("True") for k in (every if switch == "all" else [switch])}
     assert all(a["model_config"].get(k, a["config"].get(k)) == v for k, v in on.items())
     baseline = load(corpus / "straight" / "last.pt")  # and the switch changed what was trained
-    script("train", *TINY, *gpt2, "--dropout=0.1", "--eval_interval=4", "--max_iters=12", "--out_dir=plain")
+    script("train", *TINY, *GPT2_RECIPE, "--dropout=0.1", "--eval_interval=4", "--max_iters=12", "--out_dir=plain")
     plain = load(corpus / "plain" / "last.pt")
     assert plain["model"].keys() != baseline["model"].keys() or any(
         not torch.equal(plain["model"][k], baseline["model"][k]) for k in plain["model"])
