@@ -63,7 +63,8 @@ def rotary(start, T, hs, dtype, device):
     frequency = 10000.0 ** (-torch.arange(0, hs, 2, device=device, dtype=precise) / hs)  # (hs/2,)
     position = torch.arange(start, start + T, device=device, dtype=precise)  # (T,)
     angle = position[:, None] * frequency[None, :]  # (T, hs/2)
-    return angle.cos().repeat(1, 2), torch.cat([-angle.sin(), angle.sin()], dim=-1)  # (T, hs) each
+    sin = angle.sin()
+    return angle.cos().repeat(1, 2), torch.cat([-sin, sin], dim=-1)  # (T, hs) each
 
 
 def rotate(x, rotation):
