@@ -14,6 +14,7 @@ sys.path.insert(0, ROOT)
 
 SHAKESPEARE = os.path.join(ROOT, "input.txt")  # Tiny Shakespeare, committed with the code
 GPT2_TIKTOKEN = os.path.join(ROOT, "..", "shared", "data", "gpt2", "gpt2.tiktoken")
+GPT2_RECIPE = ["--rope=False", "--zero_init=False", "--muon=False"]  # train.py's defaults go past GPT-2's
 
 
 def oracle(module):

@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, one_error_line, run_script
+from conftest import GPT2_RECIPE, ROOT, one_error_line, run_script
 
-GPT2_RECIPE = ["--rope=False", "--zero_init=False", "--muon=False"]  # train.py's defaults go past GPT-2's
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_size=4", "--eval_iters=2",
         "--log_interval=5", "--warmup_iters=2", "--learning_rate=1e-2", "--sample_length=0"]
 

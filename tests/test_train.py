@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import GPT2_RECIPE, run_script
 
 TINY = ["--device=cpu", "--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_size=4",
         "--eval_iters=2", "--log_interval=5", "--warmup_iters=2", "--learning_rate=1e-2"]
@@ -53,8 +53,7 @@ def test_a_text_without_newlines_trains_and_samples_to_the_end(corpus):
 def test_best_checkpoint_never_records_a_worse_val_loss(corpus):
     # a learning rate this high makes AdamW's val loss go up and down: best.pt must keep the minimum
     result = run_script("train.py", *TINY, "--max_iters=16", "--lr_decay_iters=40", "--eval_interval=4",
-                        "--learning_rate=0.3", "--sample_length=0", "--muon=False", "--rope=False",
-                        "--zero_init=False", cwd=corpus)
+                        "--learning_rate=0.3", "--sample_length=0", *GPT2_RECIPE, cwd=corpus)
     assert result.returncode == 0, result.stderr
     vals = [float(v) for v in re.findall(r"^step \d+: .*val loss ([\d.]+)", result.stdout, re.M)]
     assert vals[-1] > min(vals)  # the run ends worse than its best: the last evaluation must not become best.pt
