@@ -18,7 +18,7 @@ them), and prints a row per variant: the medians over seeds, and each seed's fig
 
 Sampling (--what=sample) times generate.generate() on a randomly initialised model of the given shape, with the
 key/value cache and without it (recomputing the whole context every step), and prints both speeds and their ratio;
-with --quantize=int8, cached sampling with the weights in --dtype and in int8 (generate.Int8Linear) instead, and
+with --quantize=int8, cached sampling with the weights in --dtype and in int8 (fast_linear.Int8Linear) instead, and
 the memory their weights take.
 
 Tokenizing (--what=tokenize) times BPE training on input.txt, GPT-2's encoding of it, and the worst case for BPE:
@@ -27,12 +27,9 @@ one long chunk with no spaces (20,000 random letters), each the best of --repeat
 Chat (--what=chat) starts the real `python chat.py --web` on a free port with --init_from, then for each number
 of --clients has that many clients send --requests_per_client generations of --max_new_tokens tokens each, all at
 once, and prints requests/s, tokens/s, the failed requests, and the median latency and time to the first token.
-
-At the bottom: the model FLOPs, device peaks and peak memory behind train.py's MFU and memory figures.
 """
 
 import concurrent.futures
-import functools
 import http.client
 import json
 import os
@@ -44,6 +41,7 @@ import tempfile
 import time
 
 import configurator
+from configurator import UserError
 
 # -----------------------------------------------------------------------------
 what = "train"  # 'train', 'sample', 'tokenize' or 'chat'
@@ -72,10 +70,6 @@ clients = "1,4,16"  # how many clients send requests at once, one round for each
 requests_per_client = 4  # generations each client asks for, one after another
 # -----------------------------------------------------------------------------
 
-GPU_PEAK_FLOPS = {  # dense bf16/fp16 tensor-core peaks from the vendors' datasheets, FLOP/s; first match wins
-    "H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
-    "A10": 125e12, "V100": 125e12, "T4": 65e12,
-}
 EVAL_LINE = re.compile(r"^step (\d+): train loss ([\d.]+), val loss ([\d.]+)")
 ITER_LINE = re.compile(r"^iter (\d+): .* ([\d.]+) ms/iter, ([\d,]+) tok/s, mfu ([\d.]+%|n/a)")
 DONE_LINE = re.compile(r"^done: .*, ([\d,]+ MiB [^,]*)$")
@@ -98,7 +92,7 @@ def run_train(train_args):
         elif m := DONE_LINE.match(line):
             memory = m[1]
     if process.wait():
-        raise SystemExit(f"error: train.py failed (exit code {process.returncode}); its output is above")
+        raise UserError(f"train.py failed (exit code {process.returncode}); its output is above")
     wall = time.perf_counter() - t_launch
     reached = [s for s, _, val in curve if target_loss and val <= target_loss]
     steady = iters[1:] or iters  # the first interval includes warm-up
@@ -158,7 +152,8 @@ def bench_sample():
 
     import torch
 
-    from generate import generate, quantize_int8, use_slab_products
+    from fast_linear import quantize_int8, use_slab_products
+    from generate import generate
     from gpt import GPT, GPTConfig
 
     dev = configurator.pick_device(device)
@@ -258,7 +253,7 @@ def bench_chat():
                 server.wait()
                 log.seek(0)
                 error = log.read().strip() or f"error: chat.py stopped (exit code {server.returncode})"
-                raise SystemExit(error.splitlines()[-1])  # chat.py's own one-line error
+                raise UserError(error.splitlines()[-1].removeprefix("error: "))  # chat.py's own one-line error
         print(f"{lines[0].strip()}\n{max_new_tokens} tokens per request, {requests_per_client} per client; "
               f"after one request to warm up:")
         chat_request(int(m[1]), seed=0)
@@ -306,77 +301,25 @@ def chat_request(port, seed):
     return (first, time.perf_counter() - t0) if done and tokens == max_new_tokens else None
 
 
-# -----------------------------------------------------------------------------
-# The figures train.py prints: model FLOPs against the device's peak (MFU), and peak memory
-
-
-def flops_per_token(model):
-    """Training FLOPs per token: 6 per weight (2 forward, 4 backward: the input's gradient and the weight's), 4 per
-    frozen weight (no gradient of its own, as under LoRA), the position table left out, plus
-    6 * n_layer * n_embd * block_size for attention's two products (causal: half of the full score matrix)."""
-    c = model.config
-    frozen = sum(p.numel() for name, p in model.named_parameters() if not p.requires_grad and "wpe" not in name)
-    return 6 * model.num_params(non_embedding=True) - 2 * frozen + 6 * c.n_layer * c.n_embd * c.block_size
-
-
-@functools.cache
-def cpu_matmul_flops(dtype):
-    """FLOP/s of a 1024x1024 matmul in `dtype` on this CPU, measured in a few milliseconds."""
-    import torch
-
-    a = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0)).to(dtype)  # leaves torch's rng alone
-    a @ a  # warm up
-    t0 = time.perf_counter()
-    for _ in range(8):
-        a @ a
-    return 8 * 2 * 1024**3 / (time.perf_counter() - t0)
-
-
-def peak_flops(device_type, ptdtype):
-    """The device's peak FLOP/s in the training precision: a datasheet for GPUs, the matmul probe on a CPU;
-    None where neither is known (fp32 on a GPU, an unlisted GPU, MPS)."""
-    import torch
-
-    if device_type == "cuda":
-        name = torch.cuda.get_device_name()
-        peak = next((f for gpu, f in GPU_PEAK_FLOPS.items() if re.search(rf"\b{gpu}\b", name)), None)  # not A10G
-        return peak if ptdtype != torch.float32 else None
-    return cpu_matmul_flops(ptdtype) if device_type == "cpu" else None
-
-
-def peak_memory(device_type):
-    """The run's peak memory, as text: allocated on a GPU, this process's resident set elsewhere."""
-    import torch
-
-    if device_type == "cuda":
-        return f"{torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB on the GPU"
-    if sys.platform == "win32":
-        return "peak memory n/a"
-    import resource  # KiB on Linux, bytes on macOS
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
-    return f"{rss:,.0f} MiB peak RSS"
-
-
 def check_settings():
     configurator.check_at_least(globals(), dict(repeat=1, target_loss=0.0, within_seconds=0.0))
     if seeds and not all(x.strip().isdigit() for x in seeds.split(",")):
-        raise SystemExit(f"error: --seeds={seeds} must be seeds separated by commas, like 1,2,3")
+        raise UserError(f"--seeds={seeds} must be seeds separated by commas, like 1,2,3")
     if what == "sample":
         if quantize not in ("", "int8"):
-            raise SystemExit(f"error: --quantize={quantize} is unknown; use int8, or leave it empty")
+            raise UserError(f"--quantize={quantize} is unknown; use int8, or leave it empty")
         configurator.check_at_least(globals(), dict(n_layer=1, n_head=1, n_embd=1, block_size=1, vocab_size=1,
                                                     max_new_tokens=1, num_samples=1))
         if n_embd % n_head:
-            raise SystemExit(f"error: --n_embd={n_embd} must be a multiple of --n_head={n_head}")
+            raise UserError(f"--n_embd={n_embd} must be a multiple of --n_head={n_head}")
     if what == "chat":
         configurator.check_at_least(globals(), dict(max_new_tokens=1, requests_per_client=1))
         if not all(n.strip().isdigit() and int(n) > 0 for n in clients.split(",")):
-            raise SystemExit(f"error: --clients={clients} must be numbers of clients above 0, like 1,4,16")
+            raise UserError(f"--clients={clients} must be numbers of clients above 0, like 1,4,16")
 
 
-if __name__ == "__main__":
-    args = sys.argv[1:]
+@configurator.script
+def main(args):
     own, train_args = (args[: args.index("--")], args[args.index("--") + 1 :]) if "--" in args else (args, [])
     configurator.configure(globals(), own)
     check_settings()
@@ -391,4 +334,8 @@ if __name__ == "__main__":
     elif what == "chat":
         bench_chat()
     else:
-        raise SystemExit(f"error: --what={what} is unknown; use train, sample, tokenize or chat")
+        raise UserError(f"--what={what} is unknown; use train, sample, tokenize or chat")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

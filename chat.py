@@ -53,6 +53,7 @@ except ImportError:
 import torch
 
 import configurator
+from configurator import UserError
 from generate import generate, load_for_sampling, text_decoder
 
 # -----------------------------------------------------------------------------
@@ -107,8 +108,8 @@ def encode(tok, text):
     """Text -> token ids, or ValueError naming the characters the model does not know."""
     try:
         return tok.encode(text, allowed_special=True)  # <|endoftext|> may start a text, as in generate.py
-    except SystemExit as e:  # tokenizer.py ends a script on bad text; here it is one bad line or request
-        raise ValueError(str(e).removeprefix("error: ")) from None
+    except UserError as e:  # text the tokenizer cannot encode: here, one bad line or request
+        raise ValueError(str(e)) from None
 
 
 def tokens(model, ids, settings, generator):
@@ -382,7 +383,7 @@ def serve(model, tok):
         server = Server((host, port), model, tok)
     except OSError as e:  # the port is taken, or the host is not one of this machine's addresses
         reason = getattr(e, "strerror", None) or e
-        raise SystemExit(f"error: cannot listen on {host}:{port} ({reason}); pick another --port (0: any free one) "
+        raise UserError(f"cannot listen on {host}:{port} ({reason}); pick another --port (0: any free one) "
                          f"or --host")
     print(f"{describe(model, tok)}\nserving http://{host}:{server.server_port}/ (Ctrl-C stops)", flush=True)
     try:
@@ -393,17 +394,18 @@ def serve(model, tok):
         server.server_close()
 
 
+@configurator.script
 def main(args):
     configurator.configure(globals(), args)
     for name in SAMPLING:
         try:
             checked(name, globals()[name])
         except ValueError as e:
-            raise SystemExit(f"error: --{e}")
+            raise UserError(f"--{e}")
     for name, lowest, highest in (("max_length", 1, 10**9), ("max_prompt", 1, 10**9), ("max_streams", 1, 10**6),
                                   ("port", 0, 65535)):
         if not lowest <= globals()[name] <= highest:
-            raise SystemExit(f"error: --{name}={globals()[name]} must be from {lowest} to {highest}")
+            raise UserError(f"--{name}={globals()[name]} must be from {lowest} to {highest}")
     dev = configurator.pick_device(device)
     model, tok = load_for_sampling(init_from, dev, configurator.pick_dtype(dtype, dev), quantize)  # fp32 off the GPU
     if web:

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from configurator import UserError
 import tokenizer as tokenizers
 from files import CACHE_DIR, download, os_error
 from gpt import GPT2_SIZES, GPT, GPTConfig
@@ -51,7 +52,7 @@ def load_model(init_from):
         ckpt = load_checkpoint(init_from)
         model, tok = model_from_checkpoint(ckpt, init_from), tokenizers.from_dict(ckpt["tokenizer"])
     if tok.vocab_size != model.config.vocab_size:  # ids the model has no embedding for, or never predicts
-        raise SystemExit(f"error: {init_from} holds a model with a vocabulary of {model.config.vocab_size} tokens "
+        raise UserError(f"{init_from} holds a model with a vocabulary of {model.config.vocab_size} tokens "
                          f"but a tokenizer of {tok.vocab_size}; use weights and a vocabulary that belong together")
     return model, tok
 
@@ -63,28 +64,28 @@ def load_model(init_from):
 def load_checkpoint(path, map_location="cpu"):
     """Load a checkpoint written by train.py without running any pickled code; one-line errors otherwise."""
     if not os.path.isfile(path):
-        raise SystemExit(f"error: no checkpoint at {path}; train one with `python train.py` or pass its path")
+        raise UserError(f"no checkpoint at {path}; train one with `python train.py` or pass its path")
     try:  # torch.save writes a zip archive, which keeps a CRC of every entry: check them all
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:  # a cut-off one, say
-        raise SystemExit(f"error: {path} is not a readable checkpoint (truncated or corrupted? {str(e)[:80]}); "
+        raise UserError(f"{path} is not a readable checkpoint (truncated or corrupted? {str(e)[:80]}); "
                          f"use another one, such as best.pt beside last.pt")
     if damaged:
-        raise SystemExit(f"error: {path} is damaged: its entry {damaged} fails its CRC check; use another "
+        raise UserError(f"{path} is damaged: its entry {damaged} fails its CRC check; use another "
                          f"checkpoint, such as best.pt beside last.pt")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise SystemExit(f"error: refusing to load {path}: it holds pickled Python objects, not just tensors "
+        raise UserError(f"refusing to load {path}: it holds pickled Python objects, not just tensors "
                          f"and plain values ({first[:120]}); only load checkpoints from sources you trust")
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise SystemExit(f"error: {path} is not a readable checkpoint (truncated or corrupted?): {str(e)[:120]}")
+        raise UserError(f"{path} is not a readable checkpoint (truncated or corrupted?): {str(e)[:120]}")
     missing = [k for k in ("model", "model_config", "tokenizer")
                if not isinstance(ckpt, dict) or not isinstance(ckpt.get(k), dict)]
     if missing:
-        raise SystemExit(f"error: {path} is not a gpt-from-scratch checkpoint (missing {', '.join(missing)}); "
+        raise UserError(f"{path} is not a gpt-from-scratch checkpoint (missing {', '.join(missing)}); "
                          f"pass a checkpoint that train.py wrote")
     return ckpt
 
@@ -95,7 +96,7 @@ def model_from_checkpoint(ckpt, path="the checkpoint", dropout=None):
     dropout: the model's dropout from now on (None: the checkpoint's own)."""
     quantized = next((k for k, t in ckpt["model"].items() if torch.is_tensor(t) and not t.is_floating_point()), None)
     if quantized:
-        raise SystemExit(f"error: {path} holds {str(ckpt['model'][quantized].dtype)[6:]} weights ({quantized}), "
+        raise UserError(f"{path} holds {str(ckpt['model'][quantized].dtype)[6:]} weights ({quantized}), "
                          f"not float ones, so it cannot be trained or loaded as a model; use the float checkpoint "
                          f"they came from (generate.py --quantize=int8 quantizes weights as it loads them)")
     if "lora" in ckpt:
@@ -106,7 +107,7 @@ def model_from_checkpoint(ckpt, path="the checkpoint", dropout=None):
         model = GPT(config)
         model.load_state_dict(ckpt["model"])
     except (TypeError, ValueError, RuntimeError, AssertionError, ZeroDivisionError, OverflowError, MemoryError) as e:
-        raise SystemExit(f"error: {path} does not match its own model_config ({str(e).splitlines()[0][:160]})")
+        raise UserError(f"{path} does not match its own model_config ({str(e).splitlines()[0][:160]})")
     check_finite(model, path)
     return model
 
@@ -124,7 +125,7 @@ def checked_config(fields):
 def check_finite(model, source):
     bad = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
     if bad:
-        raise SystemExit(f"error: {source} holds NaN or inf weights (in {bad}); use another checkpoint")
+        raise UserError(f"{source} holds NaN or inf weights (in {bad}); use another checkpoint")
 
 
 # -----------------------------------------------------------------------------
@@ -177,26 +178,26 @@ def adapted_from_checkpoint(ckpt, path, dropout=None):
         config = checked_config(ckpt["model_config"])
         config.dropout = config.dropout if dropout is None else dropout
     except (KeyError, TypeError, ValueError) as e:
-        raise SystemExit(f"error: {path} holds a damaged LoRA record ({type(e).__name__}: {str(e)[:80]}); use "
+        raise UserError(f"{path} holds a damaged LoRA record ({type(e).__name__}: {str(e)[:80]}); use "
                          f"another checkpoint of the run, or train the adapters again")
     if base not in GPT2_SIZES and not os.path.exists(base):
-        raise SystemExit(f"error: {path} holds adapters for the base model {base}, which is not there any more; put "
+        raise UserError(f"{path} holds adapters for the base model {base}, which is not there any more; put "
                          f"the base back at that path (the adapters mean nothing without it)")
     if weights_sha256(base) != sha256:
-        raise SystemExit(f"error: {base}, the base model that {path} adapts, has changed since the adapters were "
+        raise UserError(f"{base}, the base model that {path} adapts, has changed since the adapters were "
                          f"trained (its sha256 is no longer {sha256[:16]}...); put the original base back, or train "
                          f"new adapters on this one")
     model, _ = load_base(base, config.dropout)
     if dataclasses.asdict(model.config) | dict(block_size=config.block_size) != dataclasses.asdict(config) or (
             config.block_size > model.config.block_size):
-        raise SystemExit(f"error: {path} describes a model of another shape than its base {base}; use the base "
+        raise UserError(f"{path} describes a model of another shape than its base {base}; use the base "
                          f"its adapters were trained on")
     model.crop_block_size(config.block_size)
     add_adapters(model, rank, alpha, layers, generator=torch.Generator())  # the random A is overwritten next
     try:
         load_adapters(model, ckpt["model"])
     except ValueError as e:
-        raise SystemExit(f"error: {path} does not hold the adapters its LoRA record describes ({str(e)[:120]})")
+        raise UserError(f"{path} does not hold the adapters its LoRA record describes ({str(e)[:120]})")
     check_finite(model, path)
     return model
 
@@ -266,7 +267,7 @@ def read_safetensors(path):
     then the tensors' raw bytes, with begin and end counted from the end of the header."""
 
     def bad(why):
-        return SystemExit(f"error: {path} is not a valid safetensors file ({why}); "
+        return UserError(f"{path} is not a valid safetensors file ({why}); "
                           f"delete it and download or save it again")
 
     size = os.path.getsize(path)
@@ -319,11 +320,11 @@ def gpt2_config(folder):
         shape = dict(n_layer=cfg.get("n_layer", 12), n_head=cfg.get("n_head", 12), n_embd=cfg.get("n_embd", 768),
                      block_size=cfg.get("n_positions", 1024), vocab_size=cfg.get("vocab_size", 50257))
     except FileNotFoundError:
-        raise SystemExit(f"error: no config.json in {folder}; put the config.json that came with the weights there")
+        raise UserError(f"no config.json in {folder}; put the config.json that came with the weights there")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
-        raise SystemExit(f"error: {path} is not a JSON object ({str(e)[:100]}); use the one save_pretrained wrote")
+        raise UserError(f"{path} is not a JSON object ({str(e)[:100]}); use the one save_pretrained wrote")
     if not all(type(v) is int and v > 0 for v in shape.values()) or shape["n_embd"] % shape["n_head"]:
-        raise SystemExit(f"error: {path} gives an impossible shape {shape}; use the one save_pretrained wrote")
+        raise UserError(f"{path} gives an impossible shape {shape}; use the one save_pretrained wrote")
     # each setting as GPT2Config defaults it when absent, and the values under which the two compute the same
     for key, default, same in [
         ("model_type", "gpt2", ["gpt2"]),
@@ -337,7 +338,7 @@ def gpt2_config(folder):
         ("tie_word_embeddings", True, [True]),
     ]:
         if cfg.get(key, default) not in same:
-            raise SystemExit(f"error: {path} sets {key}={cfg[key]!r}, a GPT-2 variant this GPT cannot represent "
+            raise UserError(f"{path} sets {key}={cfg[key]!r}, a GPT-2 variant this GPT cannot represent "
                              f"exactly (it needs {' or '.join(map(json.dumps, same))}); use a standard GPT-2")
     return shape
 
@@ -351,10 +352,10 @@ def gpt2_checkpoint(name_or_folder):
 
     folder = name_or_folder
     if not os.path.isdir(folder):
-        raise SystemExit(f"error: {folder!r} is neither a GPT-2 size ({', '.join(GPT2_SIZES)}) nor a folder; pass "
+        raise UserError(f"{folder!r} is neither a GPT-2 size ({', '.join(GPT2_SIZES)}) nor a folder; pass "
                          f"one of those sizes, or a folder with the config.json and model.safetensors of a GPT-2")
     if any(os.path.isfile(os.path.join(folder, f)) for f in ("best.pt", "last.pt")):
-        raise SystemExit(f"error: {folder} is a train.py run, not a GPT-2; sample from it with python generate.py "
+        raise UserError(f"{folder} is a train.py run, not a GPT-2; sample from it with python generate.py "
                          f"--init_from={os.path.join(folder, 'best.pt')}, continue it with python train.py "
                          f"--init_from=resume --out_dir={folder}")
     config = gpt2_config(folder)
@@ -386,12 +387,12 @@ def weight_files(folder):
     if "model.safetensors" in names:
         return ["model.safetensors"]
     if len(indexes) + len(singles) > 1:
-        raise SystemExit(f"error: {folder} holds its weights in more than one form ({', '.join(indexes + singles)}); "
+        raise UserError(f"{folder} holds its weights in more than one form ({', '.join(indexes + singles)}); "
                          f"keep one of them there")
     if singles:
         return singles
     if not indexes:
-        raise SystemExit(f"error: no model.safetensors in {folder}; weights in .bin or .pt files are pickles, which "
+        raise UserError(f"no model.safetensors in {folder}; weights in .bin or .pt files are pickles, which "
                          f"can run arbitrary code when loaded, so they are not read: convert them with transformers' "
                          f"save_pretrained(folder, safe_serialization=True)")
     index = os.path.join(folder, indexes[0])  # a large model that save_pretrained split into shards
@@ -399,11 +400,11 @@ def weight_files(folder):
         with open(index, encoding="utf-8") as f:
             files = sorted(set(json.load(f)["weight_map"].values()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise SystemExit(f"error: {index} does not map tensors to files ({str(e)[:100]}); save the model again")
+        raise UserError(f"{index} does not map tensors to files ({str(e)[:100]}); save the model again")
     missing = [file for file in files if file not in names]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise SystemExit(f"error: {index} lists {len(files)} shards, but {missing[0]}{more} is not in {folder}; "
+        raise UserError(f"{index} lists {len(files)} shards, but {missing[0]}{more} is not in {folder}; "
                          f"copy the missing shards there")
     return files
 
@@ -429,13 +430,13 @@ def gpt2_state_dict(tensors, model, source):
 
     missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
     if missing or unexpected:
-        raise SystemExit(f"error: {source} does not hold the tensors of a GPT-2 (missing: {first(missing)}; "
+        raise UserError(f"{source} does not hold the tensors of a GPT-2 (missing: {first(missing)}; "
                          f"unexpected: {first(unexpected)}); use the model.safetensors of a GPT2LMHeadModel")
     for key, t in state.items():
         if t.shape != expected[key] or not t.is_floating_point():
-            raise SystemExit(f"error: {source}: {key} is {str(t.dtype)[6:]}{list(t.shape)} where this model needs "
+            raise UserError(f"{source}: {key} is {str(t.dtype)[6:]}{list(t.shape)} where this model needs "
                              f"float{list(expected[key])}; use the config.json that came with the weights")
     if lm_head is not None and not torch.equal(lm_head, state["transformer.wte.weight"]):
-        raise SystemExit(f"error: {source} holds an lm_head.weight different from wte.weight; this GPT ties the two "
+        raise UserError(f"{source} holds an lm_head.weight different from wte.weight; this GPT ties the two "
                          f"tables, as GPT-2 does, so it cannot hold these weights")
     return {**state, "lm_head.weight": state["transformer.wte.weight"]}

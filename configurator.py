@@ -11,15 +11,37 @@ which applies, in order, any config files (plain `key = value` assignments) and 
     python train.py my_config.py --max_iters=100
 
 Values are Python literals, checked against the type of the default (an int may stand for a float; a string
-setting takes the text as written; a bool setting alone, `--compile`, means True). A mistake ends the program with one line that says what to change, never a
-traceback: every user-facing error in this project is a `SystemExit("error: ...")`.
+setting takes the text as written; a bool setting alone, `--compile`, means True).
+
+A user's mistake anywhere in this project (a bad setting, a missing or damaged file, a full disk) raises
+UserError, whose message is one line saying what is wrong and what to do. Functions only raise it, so they work
+from a Python session, a notebook, a test or a server thread; a script's main(), decorated with @script, turns it
+into that line on stderr, `error: ...`, and exit code 1, never a traceback.
 """
 
 import ast
 import difflib
+import functools
 import math
 import os
 import sys
+
+
+class UserError(Exception):
+    """A mistake the user can put right; the message says what is wrong and what to do, in one line."""
+
+
+def script(main):
+    """Decorate a script's main(args): a UserError ends the program with `error: <message>` and exit code 1."""
+
+    @functools.wraps(main)
+    def run(args):
+        try:
+            return main(args)
+        except UserError as e:
+            raise SystemExit(f"error: {e}") from None
+
+    return run
 
 
 def setting_names(settings):
@@ -35,20 +57,20 @@ def parse_value(key, text, default):
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        raise SystemExit(f"error: --{key}={text} is not a Python literal; give a value like --{key}={default!r}")
+        raise UserError(f"--{key}={text} is not a Python literal; give a value like --{key}={default!r}")
     return check_type(key, value, default)
 
 
 def check_type(key, value, default):
     if isinstance(default, bool) != isinstance(value, bool):  # bool is an int in Python: keep them apart
-        raise SystemExit(f"error: --{key} must be {type(default).__name__} (like {default!r}), got {value!r}")
+        raise UserError(f"--{key} must be {type(default).__name__} (like {default!r}), got {value!r}")
     if isinstance(default, float) and isinstance(value, int):
         value = float(value) if abs(value) < 2**1000 else math.inf  # --learning_rate=1 means 1.0
     if type(value) is not type(default):
-        raise SystemExit(f"error: --{key} must be {type(default).__name__} (like {default!r}), "
+        raise UserError(f"--{key} must be {type(default).__name__} (like {default!r}), "
                          f"got {type(value).__name__} {value!r}")
     if isinstance(value, float) and not math.isfinite(value):  # 1e999 is a literal for inf
-        raise SystemExit(f"error: --{key}={value} must be a finite number")
+        raise UserError(f"--{key}={value} must be a finite number")
     return value
 
 
@@ -56,42 +78,42 @@ def check_at_least(settings, lowest):
     """Exit with one line for the first setting below its lowest allowed value: lowest = {key: value}."""
     for key, least in lowest.items():
         if settings[key] < least:
-            raise SystemExit(f"error: --{key}={settings[key]} must be at least {least}")
+            raise UserError(f"--{key}={settings[key]} must be at least {least}")
 
 
 def check_seed(seed):
     """torch's generators take seeds from 0 to 2**64 - 1; a negative one would wrap around silently."""
     if not 0 <= seed < 2**63:  # room for train.py's seed + rank
-        raise SystemExit(f"error: --seed={seed} must be between 0 and 2**63 - 1")
+        raise UserError(f"--seed={seed} must be between 0 and 2**63 - 1")
 
 
 def unknown_key_error(key, known):
     close = difflib.get_close_matches(key, known, n=1)
     hint = f" (did you mean --{close[0]}?)" if close else ""
-    return SystemExit(f"error: unknown setting --{key}{hint}; known settings: {', '.join(sorted(known))}")
+    return UserError(f"unknown setting --{key}{hint}; known settings: {', '.join(sorted(known))}")
 
 
 def read_config_file(path, known):
     """A config file holds plain assignments of literals, one per line: `n_layer = 6`."""
     if not os.path.isfile(path):
-        raise SystemExit(f"error: config file {path} not found (settings are given as --key=value)")
+        raise UserError(f"config file {path} not found (settings are given as --key=value)")
     with open(path, encoding="utf-8") as f:
         source = f.read()
     try:
         tree = ast.parse(source, filename=path)
     except SyntaxError as e:
-        raise SystemExit(f"error: {path} line {e.lineno}: not valid Python ({e.msg})")
+        raise UserError(f"{path} line {e.lineno}: not valid Python ({e.msg})")
     pairs = []
     for node in tree.body:
         if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
-            raise SystemExit(f"error: {path} line {node.lineno}: only plain `key = value` assignments are allowed")
+            raise UserError(f"{path} line {node.lineno}: only plain `key = value` assignments are allowed")
         key = node.targets[0].id
         if key not in known:
             raise unknown_key_error(key, known)
         try:
             pairs.append((key, ast.literal_eval(node.value)))
         except ValueError:
-            raise SystemExit(f"error: {path} line {node.lineno}: the value of {key} must be a literal (a number, string or bool)")
+            raise UserError(f"{path} line {node.lineno}: the value of {key} must be a literal (a number, string or bool)")
     return pairs
 
 
@@ -117,7 +139,7 @@ def configure(settings, args):
         if not eq and isinstance(settings.get(key), bool):
             text = "True"  # a bool setting alone switches it on: --web is --web=True
         elif not eq:
-            raise SystemExit(f"error: {arg} needs a value: write --{key}=VALUE")
+            raise UserError(f"{arg} needs a value: write --{key}=VALUE")
         if key not in known:
             raise unknown_key_error(key, known)
         settings[key] = parse_value(key, text, settings[key])
@@ -134,15 +156,15 @@ def pick_device(device):
     try:
         kind = torch.device(device).type
     except RuntimeError:
-        raise SystemExit(f"error: --device={device} is not a device; use auto, cpu, cuda, cuda:N or mps")
+        raise UserError(f"--device={device} is not a device; use auto, cpu, cuda, cuda:N or mps")
     if kind == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device={device} but this machine has no CUDA GPU; use --device=auto or cpu")
+        raise UserError(f"--device={device} but this machine has no CUDA GPU; use --device=auto or cpu")
     if kind == "mps" and not torch.backends.mps.is_available():
-        raise SystemExit(f"error: --device={device} but MPS is not available here; use --device=auto or cpu")
+        raise UserError(f"--device={device} but MPS is not available here; use --device=auto or cpu")
     index = torch.device(device).index
     if kind == "cuda" and index is not None:
         if index >= torch.cuda.device_count():
-            raise SystemExit(f"error: --device={device} but this machine has {torch.cuda.device_count()} "
+            raise UserError(f"--device={device} but this machine has {torch.cuda.device_count()} "
                              f"CUDA GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}; pick one of them")
         torch.cuda.set_device(index)  # cuda:1 is then the default for everything, the generators included
     return device
@@ -154,9 +176,9 @@ def pick_dtype(dtype, device, default="float32"):
     import torch
 
     if dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise SystemExit(f"error: --dtype={dtype} is unknown; use auto, float32, bfloat16 or float16")
+        raise UserError(f"--dtype={dtype} is unknown; use auto, float32, bfloat16 or float16")
     if dtype == "float16" and not device.startswith("cuda"):
-        raise SystemExit(f"error: --dtype=float16 needs a CUDA GPU, and this runs on {device}; use bfloat16 or float32")
+        raise UserError(f"--dtype=float16 needs a CUDA GPU, and this runs on {device}; use bfloat16 or float32")
     if dtype != "auto":
         return dtype
     if device.startswith("cuda"):

@@ -19,6 +19,8 @@ import os
 import re
 import sys
 
+from configurator import UserError
+
 CACHE_DIR = os.environ.get("GPT_FROM_SCRATCH_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "gpt-from-scratch"))
 
 ADVICE = {  # what to do when the operating system refuses, by errno
@@ -36,7 +38,7 @@ ADVICE = {  # what to do when the operating system refuses, by errno
 def os_error(doing, path, e):
     """The one-line error for an OSError `e` met while `doing` (write, create, read) `path`."""
     reason = os.strerror(e.errno) if e.errno else str(e)
-    return SystemExit(f"error: cannot {doing} {path}: {reason}; {ADVICE.get(e.errno, 'check the path and try again')}")
+    return UserError(f"cannot {doing} {path}: {reason}; {ADVICE.get(e.errno, 'check the path and try again')}")
 
 
 class RecordedWrites:
@@ -150,15 +152,15 @@ def download(url, path, hint, sha256=None):
                         print(f"  {os.path.basename(path)}: {have / 1e6:,.1f} of {total / 1e6:,.1f} MB", file=sys.stderr)
                         shown = have
     except requests.RequestException as e:
-        raise SystemExit(f"error: could not download {url} ({type(e).__name__}); {hint}")
+        raise UserError(f"could not download {url} ({type(e).__name__}); {hint}")
     except OSError as e:  # the .part file stays: the next run resumes from it
         raise os_error("write", part, e) from None
     if total and have != total:
-        raise SystemExit(f"error: the download of {url} stopped at {have:,} of {total:,} bytes; run again to resume")
+        raise UserError(f"the download of {url} stopped at {have:,} of {total:,} bytes; run again to resume")
     if sha256:
         with open(part, "rb") as f:
             if hashlib.sha256(f.read()).hexdigest() != sha256:
                 os.remove(part)
-                raise SystemExit(f"error: the file at {url} is not the expected one (sha256 mismatch); {hint}")
+                raise UserError(f"the file at {url} is not the expected one (sha256 mismatch); {hint}")
     os.replace(part, path)
     return path

@@ -32,10 +32,11 @@ import torch
 from torch.nn import functional as F
 
 import configurator
+from configurator import UserError
 import prepare
 import tokenizer as tokenizers
 from checkpoint import load_checkpoint, load_model, model_from_checkpoint
-from generate import quantize_int8
+from fast_linear import quantize_int8
 from lora import merge_adapters
 from gpt import GPT2_SIZES, CausalSelfAttention
 
@@ -66,7 +67,7 @@ def load(init_from, dev):
     """The model on `dev` in eval mode, its tokenizer, and the data_dir it was trained on ('' for GPT-2's weights).
     A LoRA run's model keeps its adapters beside the weights, as it trained, unless quantized (merged first)."""
     if quantize not in ("", "int8"):
-        raise SystemExit(f"error: --quantize={quantize} is unknown; use int8, or leave it empty")
+        raise UserError(f"--quantize={quantize} is unknown; use int8, or leave it empty")
     if init_from in GPT2_SIZES or os.path.isdir(init_from):
         (model, tok), trained_on = load_model(init_from), ""
     else:  # a train.py checkpoint also knows its settings
@@ -122,39 +123,39 @@ def text_ids(tok, data_dir):
             with open(input, encoding="utf-8") as f:
                 ids, source = tok.encode(f.read(), allowed_special=True), input
         except (OSError, UnicodeDecodeError) as e:
-            raise SystemExit(f"error: cannot read --input={input} ({type(e).__name__}); give a UTF-8 text file")
+            raise UserError(f"cannot read --input={input} ({type(e).__name__}); give a UTF-8 text file")
     else:
         if not data_dir:
-            raise SystemExit("error: no data_dir is known for this model; pass --data_dir or --input=FILE")
+            raise UserError("no data_dir is known for this model; pass --data_dir or --input=FILE")
         source = os.path.join(data_dir, "val.bin")
         if not os.path.isfile(os.path.join(data_dir, "meta.json")):
-            raise SystemExit(f"error: no prepared data in {data_dir}; run python prepare.py --data_dir={data_dir}, "
+            raise UserError(f"no prepared data in {data_dir}; run python prepare.py --data_dir={data_dir}, "
                              f"or pass --input=FILE")
         meta = prepare.read_meta(data_dir)  # checked, as train.py checks it
         ids = prepare.load_split(data_dir, "val", meta).astype(np.int64).tolist()
         if meta["tokenizer"] != tok.to_dict():
-            raise SystemExit(f"error: the data in {data_dir} was tokenized differently from the model; pass the "
+            raise UserError(f"the data in {data_dir} was tokenized differently from the model; pass the "
                              f"--data_dir it was trained on, or --input=FILE")
     if len(ids) < 2:
-        raise SystemExit(f"error: {source} holds {len(ids)} token{'s' * (len(ids) != 1)}, and evaluating needs at "
+        raise UserError(f"{source} holds {len(ids)} token{'s' * (len(ids) != 1)}, and evaluating needs at "
                          f"least 2 (one to predict from, one to predict); give a longer text")
     return ids, source
 
 
 def run_eval():
     if stride < 0:
-        raise SystemExit(f"error: --stride={stride} must be at least 1, or 0 for block_size // 2")
+        raise UserError(f"--stride={stride} must be at least 1, or 0 for block_size // 2")
     if batch_tokens < 1:
-        raise SystemExit(f"error: --batch_tokens={batch_tokens} must be at least 1")
+        raise UserError(f"--batch_tokens={batch_tokens} must be at least 1")
     if not (input or data_dir) and (init_from in GPT2_SIZES or os.path.isdir(init_from)):
-        raise SystemExit("error: GPT-2's published weights come with no val split; pass --input=FILE, or the "
+        raise UserError("GPT-2's published weights come with no val split; pass --input=FILE, or the "
                          "--data_dir that python prepare.py --tokenizer=gpt2 wrote")
     model, tok, trained_on = load(init_from, configurator.pick_device(device))
     ids, source = text_ids(tok, data_dir or trained_on)
     T = min(model.config.block_size, len(ids) - 1)
     step = stride or max(1, T // 2)
     if step > T:
-        raise SystemExit(f"error: --stride={stride} is longer than the windows ({T} tokens) and would skip tokens; "
+        raise UserError(f"--stride={stride} is longer than the windows ({T} tokens) and would skip tokens; "
                          f"give at most {T}")
     t0 = time.perf_counter()
     r = evaluate(model, tok, ids, step, batch_tokens)
@@ -177,7 +178,7 @@ def new_figure(**kw):
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        raise SystemExit("error: pictures need matplotlib, which is not installed: pip install matplotlib")
+        raise UserError("pictures need matplotlib, which is not installed: pip install matplotlib")
     return Figure(**kw)
 
 
@@ -189,10 +190,10 @@ def read_log(run):
         with open(path, encoding="utf-8") as f:
             rows = [json.loads(line) for line in f if line.strip()]
     except (OSError, ValueError) as e:
-        raise SystemExit(f"error: cannot read the log {path} ({type(e).__name__}); train.py writes log.jsonl to "
+        raise UserError(f"cannot read the log {path} ({type(e).__name__}); train.py writes log.jsonl to "
                          f"its out_dir: pass --runs=OUT_DIR")
     if not rows:
-        raise SystemExit(f"error: the log {path} is empty; train for at least log_interval steps first")
+        raise UserError(f"the log {path} is empty; train for at least log_interval steps first")
     return rows
 
 
@@ -221,7 +222,7 @@ def draw_curves(logs, path):
 def run_curves():
     names = [r.strip() for r in runs.split(",") if r.strip()]
     if not names:
-        raise SystemExit("error: --runs is empty; give run folders, comma-separated: --runs=out,out2")
+        raise UserError("--runs is empty; give run folders, comma-separated: --runs=out,out2")
     path = png or "curves.png"
     draw_curves({name: read_log(name) for name in names}, path)
     print(f"wrote {path}")
@@ -277,7 +278,7 @@ def run_attention():
     model, tok, _ = load(init_from, configurator.pick_device(device))
     ids = tok.encode(prompt, allowed_special=True)[-model.config.block_size :]
     if not ids:
-        raise SystemExit("error: the prompt is empty; give some text with --prompt")
+        raise UserError("the prompt is empty; give some text with --prompt")
     path = png or "attention.png"
     draw_attention(attention_maps(model, ids), [token_label(tok, i) for i in ids], path)
     print(f"wrote {path}: {model.config.n_layer} layers x {model.config.n_head} heads, {len(ids)} tokens")
@@ -307,7 +308,7 @@ def named_tokens(tok, text):
     for word in text.split():
         one = [t for t in (tok.encode(" " + word), tok.encode(word)) if len(t) == 1]
         if not one:
-            raise SystemExit(f"error: {word!r} is {len(tok.encode(word))} tokens for this tokenizer, not one; "
+            raise UserError(f"{word!r} is {len(tok.encode(word))} tokens for this tokenizer, not one; "
                              f"name single tokens, such as --tokens='king day'")
         ids.append(one[0][0])
     return ids
@@ -323,11 +324,11 @@ def example_tokens(tok):
 
 def run_neighbours():
     if top < 1:
-        raise SystemExit(f"error: --top={top} must be at least 1")
+        raise UserError(f"--top={top} must be at least 1")
     model, tok, _ = load(init_from, configurator.pick_device(device))
     ids = named_tokens(tok, tokens or example_tokens(tok))
     if not ids:
-        raise SystemExit("error: --tokens names no token; give some, such as --tokens=aeT")
+        raise UserError("--tokens names no token; give some, such as --tokens=aeT")
     for i, near in zip(ids, neighbours(model, ids, top)):
         shown = "  ".join(f"{tok.decode([j])!r} {sim:.2f}" for j, sim in near)
         print(f"{tok.decode([i])!r:>10}:  {shown}")
@@ -338,11 +339,12 @@ def run_neighbours():
 COMMANDS = {"eval": run_eval, "curves": run_curves, "attention": run_attention, "neighbours": run_neighbours}
 
 
+@configurator.script
 def main(args):
     command = args[0] if args and not args[0].startswith("-") else ""
     configurator.configure(globals(), args[1:] if command else args)  # --help lists the settings
     if command not in COMMANDS:
-        raise SystemExit(f"error: {'unknown command ' + repr(command) if command else 'no command'}; use python "
+        raise UserError(f"{'unknown command ' + repr(command) if command else 'no command'}; use python "
                          f"look.py {' | '.join(COMMANDS)} [--key=value ...] (--help lists the settings)")
     COMMANDS[command]()
 

@@ -28,6 +28,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 import configurator
+from configurator import UserError
 
 # -----------------------------------------------------------------------------
 # `python lora.py`: merge a LoRA run's checkpoint into a plain one
@@ -115,6 +116,7 @@ def merge_adapters(model):
     return model
 
 
+@configurator.script
 def main(args):
     from checkpoint import load_base, load_checkpoint  # (checkpoint.py imports this file, so not at the top)
     from files import write_atomically
@@ -122,7 +124,7 @@ def main(args):
     configurator.configure(globals(), args)
     ckpt = load_checkpoint(init_from)
     if "lora" not in ckpt:
-        raise SystemExit(f"error: {init_from} holds no adapters, so there is nothing to merge; it is already a "
+        raise UserError(f"{init_from} holds no adapters, so there is nothing to merge; it is already a "
                          f"plain checkpoint that generate.py reads as it is")
     model, _ = load_base(init_from)  # the base, checked against its sha256, with the adapters merged into it
     state = dict(model=model.state_dict(), model_config=ckpt["model_config"], tokenizer=ckpt["tokenizer"],

@@ -29,6 +29,7 @@ import time
 import numpy as np
 
 import configurator
+from configurator import UserError
 import tokenizer as tokenizers
 from files import download, make_folder, os_error, remove_stale_temporaries, write_together
 
@@ -57,22 +58,22 @@ def read_text(path, data_dir):
         download(url, path, "check the URL, or download the text yourself and pass --input=FILE")
     elif not os.path.exists(path):
         if path != DEFAULT_INPUT:
-            raise SystemExit(f"error: input file {path} not found; pass --input=FILE with a UTF-8 text file")
+            raise UserError(f"input file {path} not found; pass --input=FILE with a UTF-8 text file")
         print(f"downloading Tiny Shakespeare from {SHAKESPEARE_URL}", file=sys.stderr)
         download(SHAKESPEARE_URL, path, f"put a UTF-8 text file at {path} or pass --input=FILE", SHAKESPEARE_SHA256)
     if os.path.isdir(path):
-        raise SystemExit(f"error: --input={path} is a directory; pass a UTF-8 text file")
+        raise UserError(f"--input={path} is a directory; pass a UTF-8 text file")
     try:
         with open(path, "rb") as f:
             raw = f.read()
     except OSError as e:
         raise os_error("read", path, e) from None
     if not raw.strip():
-        raise SystemExit(f"error: {path} is empty; put some UTF-8 text in it or pass --input=FILE")
+        raise UserError(f"{path} is empty; put some UTF-8 text in it or pass --input=FILE")
     try:
         return raw.decode("utf-8"), hashlib.sha256(raw).hexdigest()
     except UnicodeDecodeError as e:
-        raise SystemExit(f"error: {path} is not UTF-8 text (byte {e.start} is invalid); convert it to UTF-8 first")
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start} is invalid); convert it to UTF-8 first")
 
 
 def split_point(text, val_fraction):
@@ -94,7 +95,7 @@ def make_tokenizer(name, train_text, vocab_size=4096, gpt2_vocab=""):
         return tokenizers.BPETokenizer.train(train_text, vocab_size)
     if name == "gpt2":
         return tokenizers.gpt2_tokenizer(gpt2_vocab)
-    raise SystemExit(f"error: --tokenizer={name} is unknown; use char, bpe, gpt2, or a folder prepare.py wrote "
+    raise UserError(f"--tokenizer={name} is unknown; use char, bpe, gpt2, or a folder prepare.py wrote "
                      f"to reuse its tokenizer")
 
 
@@ -102,11 +103,11 @@ def prepare(input=DEFAULT_INPUT, tokenizer="char", data_dir="", val_fraction=0.1
     """Encode `input` with a new `tokenizer` (or a data folder's) and write train.bin, val.bin and meta.json to
     `data_dir`."""
     if os.path.isdir(tokenizer) and (not data_dir or os.path.realpath(data_dir) == os.path.realpath(tokenizer)):
-        raise SystemExit(f"error: --tokenizer={tokenizer} reuses that folder's tokenizer; pass --data_dir=NEW_DIR "
+        raise UserError(f"--tokenizer={tokenizer} reuses that folder's tokenizer; pass --data_dir=NEW_DIR "
                          f"for the new data, so that {tokenizer}'s own stays as it is")
     data_dir = data_dir or os.path.join("data", tokenizer)
     if not 0 < val_fraction < 1:
-        raise SystemExit(f"error: --val_fraction={val_fraction} must be between 0 and 1, like 0.1")
+        raise UserError(f"--val_fraction={val_fraction} must be between 0 and 1, like 0.1")
     text, sha256 = read_text(input, data_dir)
     n = split_point(text, val_fraction)
 
@@ -116,14 +117,14 @@ def prepare(input=DEFAULT_INPUT, tokenizer="char", data_dir="", val_fraction=0.1
     if tokenizer != "char":
         print(f"{tokenizer} tokenizer ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     if tok.vocab_size > 2**16:  # ids 0..65535 fit in uint16
-        raise SystemExit(f"error: {input} has {tok.vocab_size:,} distinct tokens, but uint16 holds ids up to 65,535; "
+        raise UserError(f"{input} has {tok.vocab_size:,} distinct tokens, but uint16 holds ids up to 65,535; "
                          f"use a smaller text or a tokenizer with a smaller vocabulary")
 
     # the token ids: <|endoftext|> in the text separates documents, and with BPE it is the one special token
     splits = {"train": tok.encode(text[:n], allowed_special=True), "val": tok.encode(text[n:], allowed_special=True)}
     for split, ids in splits.items():
         if len(ids) < 2:  # one (input, target) pair is the least a block can hold
-            raise SystemExit(f"error: {input} is too short: its {split} split has {len(ids)} tokens, "
+            raise UserError(f"{input} is too short: its {split} split has {len(ids)} tokens, "
                              f"not enough for one block; use a longer text")
 
     # the files, written together: a failure part of the way leaves the data that was there before
@@ -150,14 +151,14 @@ def read_meta(data_dir):
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SystemExit(f"error: {path} is not readable JSON ({str(e)[:80]}); run prepare.py again")
+        raise UserError(f"{path} is not readable JSON ({str(e)[:80]}); run prepare.py again")
     counts = ("vocab_size", "train_tokens", "val_tokens")
     if not isinstance(meta, dict) or "tokenizer" not in meta or not all(type(meta.get(k)) is int and meta[k] > 0
                                                                         for k in counts):
-        raise SystemExit(f"error: {path} lacks the tokenizer or a count ({', '.join(counts)}); run prepare.py again")
+        raise UserError(f"{path} lacks the tokenizer or a count ({', '.join(counts)}); run prepare.py again")
     tok = tokenizers.from_dict(meta["tokenizer"])
     if tok.vocab_size != meta["vocab_size"]:
-        raise SystemExit(f"error: {path} says vocab_size {meta['vocab_size']}, but its tokenizer has "
+        raise UserError(f"{path} says vocab_size {meta['vocab_size']}, but its tokenizer has "
                          f"{tok.vocab_size} tokens; run prepare.py again")
     return meta
 
@@ -169,22 +170,23 @@ def load_split(data_dir, split, meta, block_size=1):
     size = os.path.getsize(path) if os.path.isfile(path) else 0
     vocab_size, expected_tokens = meta["vocab_size"], meta[f"{split}_tokens"]
     if size % 2 or size // 2 != expected_tokens:
-        raise SystemExit(f"error: {path} has {size} bytes but meta.json says {expected_tokens} uint16 tokens "
+        raise UserError(f"{path} has {size} bytes but meta.json says {expected_tokens} uint16 tokens "
                          f"(truncated or corrupted?); run prepare.py again")
     data = np.memmap(path, dtype=np.uint16, mode="r")
     if data.max() >= vocab_size:
-        raise SystemExit(f"error: {path} holds token id {data.max()} >= vocab_size {vocab_size}; run prepare.py again")
+        raise UserError(f"{path} holds token id {data.max()} >= vocab_size {vocab_size}; run prepare.py again")
     if len(data) <= block_size:
-        raise SystemExit(f"error: {path} has {len(data)} tokens, too few for --block_size={block_size}; "
+        raise UserError(f"{path} has {len(data)} tokens, too few for --block_size={block_size}; "
                          f"use a smaller --block_size or more text")
     return data
 
 
+@configurator.script
 def main(args):
     overridden = configurator.configure(globals(), args)
     for key, owner in (("vocab_size", "bpe"), ("gpt2_vocab", "gpt2")):
         if key in overridden and tokenizer != owner:
-            raise SystemExit(f"error: --{key} only applies to --tokenizer={owner}; drop it or add --tokenizer={owner}")
+            raise UserError(f"--{key} only applies to --tokenizer={owner}; drop it or add --tokenizer={owner}")
     prepare(input, tokenizer, data_dir, val_fraction, vocab_size, gpt2_vocab)
 
 

@@ -28,6 +28,7 @@ import sys
 import unicodedata
 from collections import Counter, defaultdict
 
+from configurator import UserError
 from files import CACHE_DIR, download
 
 
@@ -36,7 +37,7 @@ def checked(ids, vocab_size):
     ids = list(ids)
     bad = next((i for i in ids if not 0 <= i < vocab_size), None)
     if bad is not None:
-        raise SystemExit(f"error: token id {bad} is not in this vocabulary (0 to {vocab_size - 1}); "
+        raise UserError(f"token id {bad} is not in this vocabulary (0 to {vocab_size - 1}); "
                          f"use ids from this tokenizer")
     return ids
 
@@ -91,7 +92,7 @@ class CharTokenizer(Tokenizer):
         unknown = sorted(set(text) - self.ids.keys())
         if unknown:
             shown = " ".join(repr(c) for c in unknown[:20])
-            raise SystemExit(f"error: the text has characters outside this model's vocabulary: {shown}; "
+            raise UserError(f"the text has characters outside this model's vocabulary: {shown}; "
                              f"use only characters from its training text")
         return [self.ids[c] for c in text]
 
@@ -220,7 +221,7 @@ def chunks_of(text, special_tokens=(ENDOFTEXT,), pattern=GPT2_PATTERN):
 def merges_wanted(vocab_size, special_tokens):
     """How many merges make a vocabulary of vocab_size: 256 bytes + merges + special tokens."""
     if not 256 + len(special_tokens) <= vocab_size <= 65536:
-        raise SystemExit(f"error: --vocab_size={vocab_size} must be between {256 + len(special_tokens)} "
+        raise UserError(f"--vocab_size={vocab_size} must be between {256 + len(special_tokens)} "
                          f"(256 bytes + {len(special_tokens)} special) and 65536 (ids up to 65,535 fit in uint16)")
     return vocab_size - 256 - len(special_tokens)
 
@@ -380,14 +381,14 @@ def gpt2_tokenizer(source="", hint=None):
     elif os.path.isdir(source):
         found = [names for names in GPT2_FILES if all(os.path.isfile(os.path.join(source, n)) for n in names)]
         if not found:
-            raise SystemExit(f"error: {source} has neither vocab.json+merges.txt nor encoder.json+vocab.bpe; {hint}")
+            raise UserError(f"{source} has neither vocab.json+merges.txt nor encoder.json+vocab.bpe; {hint}")
         tok = gpt2_from_vocab_and_merges(*(os.path.join(source, n) for n in found[0]))
     else:
-        raise SystemExit(f"error: --gpt2_vocab={source} not found; {hint}")
+        raise UserError(f"--gpt2_vocab={source} not found; {hint}")
 
     # a well-formed file may still hold another vocabulary: GPT-2's has 50,257 tokens and knows "Hello world"
     if tok.vocab_size != 50257 or tok.encode("Hello world") != [15496, 995]:
-        raise SystemExit(f"error: {source} holds a BPE vocabulary, but not GPT-2's; {hint}")
+        raise UserError(f"{source} holds a BPE vocabulary, but not GPT-2's; {hint}")
     return tok
 
 
@@ -401,7 +402,7 @@ def bytes_to_unicode():
 
 
 def file_error(path, what):
-    return SystemExit(f"error: {path} is not {what}; pass GPT-2's own file (see prepare.py --gpt2_vocab)")
+    return UserError(f"{path} is not {what}; pass GPT-2's own file (see prepare.py --gpt2_vocab)")
 
 
 def gpt2_from_tiktoken(path):
@@ -478,14 +479,14 @@ def from_dict(d):
     """Rebuild a tokenizer from the dict that its `to_dict()` made."""
     where = "in this checkpoint or meta.json"
     if not isinstance(d, dict):
-        raise SystemExit(f"error: {str(d)[:40]} is not a tokenizer ({where} is damaged); prepare the data again")
+        raise UserError(f"{str(d)[:40]} is not a tokenizer ({where} is damaged); prepare the data again")
     if d.get("type") == "char":
         if not isinstance(d.get("chars"), str) or len(set(d["chars"])) != len(d["chars"]):
-            raise SystemExit(f"error: the char tokenizer {where} is damaged; prepare the data again")
+            raise UserError(f"the char tokenizer {where} is damaged; prepare the data again")
         return CharTokenizer(d["chars"])
     if d.get("type") == "bpe":
         try:
             return BPETokenizer(d["merges"], d["byte_order"], d["special_tokens"], d["pattern"])
         except (KeyError, TypeError, ValueError, AttributeError, re.error) as e:
-            raise SystemExit(f"error: the BPE tokenizer {where} is damaged ({str(e)[:80]}); prepare the data again")
-    raise SystemExit(f"error: unknown tokenizer type {str(d.get('type'))[:40]!r} {where}; prepare the data again")
+            raise UserError(f"the BPE tokenizer {where} is damaged ({str(e)[:80]}); prepare the data again")
+    raise UserError(f"unknown tokenizer type {str(d.get('type'))[:40]!r} {where}; prepare the data again")

@@ -33,8 +33,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-import bench
+import mfu
 import configurator
+from configurator import UserError
 import prepare
 import tokenizer as tokenizers
 from files import make_folder, remove_stale_temporaries, write_atomically
@@ -115,6 +116,7 @@ def log(*args, **kwargs):
         print(*args, **kwargs)
 
 
+@configurator.script
 def main(args):
     ckpt = configure(args)
     dev = start_processes()
@@ -159,7 +161,7 @@ def train(ckpt, dev):
             if iter_num % eval_interval == 0 or iter_num == max_iters:
                 losses = evaluate(raw_model, data, autocast, dev)  # not through DDP's hooks or a recompile
                 if not all(map(math.isfinite, losses.values())):
-                    raise SystemExit(f"error: the {'val' if math.isfinite(losses['train']) else 'train'} loss is "
+                    raise UserError(f"the {'val' if math.isfinite(losses['train']) else 'train'} loss is "
                                      f"not finite at step {iter_num}; stopped without saving these weights")
                 improved, best_val_loss = losses["val"] < best_val_loss, min(best_val_loss, losses["val"])
                 log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
@@ -185,7 +187,7 @@ def train(ckpt, dev):
 
     # the end: how long it took, and a sample of what the model learned
     log(f"done: {iter_num} steps in {progress.elapsed():.1f} s, best val loss {best_val_loss:.4f}, "
-        f"{bench.peak_memory(device_type)}", flush=True)
+        f"{mfu.peak_memory(device_type)}", flush=True)
     if MASTER and sample_length > 0:
         print_sample(raw_model, meta, sample_length, fast=True)
 
@@ -204,7 +206,7 @@ def configure(args):
         run_state = ("optimizer", "scaler", "rng", "iter_num", "best_val_loss", "config")
         missing = [k for k in run_state if k not in ckpt]
         if missing or not isinstance(ckpt["config"], dict):
-            raise SystemExit(f"error: {out_dir}/last.pt lacks {', '.join(missing) or 'its settings'}, so the run cannot "
+            raise UserError(f"{out_dir}/last.pt lacks {', '.join(missing) or 'its settings'}, so the run cannot "
                              f"continue exactly; sample from it with generate.py, or start a new run with "
                              f"--init_from=scratch --out_dir=NEW_DIR")
         for k, v in ckpt["config"].items():
@@ -219,18 +221,18 @@ def configure(args):
         clash = [k for k in fixed if k in overridden and globals()[k] != fixed[k]]
         if clash:
             saved = ", ".join(f"{k}={fixed[k]}" for k in clash)
-            raise SystemExit(f"error: the checkpoint in {out_dir} has {saved}; drop those flags to resume, "
+            raise UserError(f"the checkpoint in {out_dir} has {saved}; drop those flags to resume, "
                              f"or start a new run with --init_from=scratch --out_dir=NEW_DIR")
     elif init_from != "scratch" and init_from not in GPT2_SIZES and not os.path.exists(init_from):
-        raise SystemExit(f"error: --init_from={init_from} is unknown; use scratch, resume, a checkpoint's path, a "
+        raise UserError(f"--init_from={init_from} is unknown; use scratch, resume, a checkpoint's path, a "
                          f"GPT-2 size ({', '.join(GPT2_SIZES)}), or a folder with a GPT-2's config.json and "
                          f"model.safetensors")
     elif init_from == "scratch" and lora_rank:
-        raise SystemExit(f"error: --lora_rank={lora_rank} adapts a trained model, and --init_from=scratch has none; "
+        raise UserError(f"--lora_rank={lora_rank} adapts a trained model, and --init_from=scratch has none; "
                          f"pass --init_from=path/to/best.pt or a GPT-2, or drop --lora_rank")
     elif init_from != "scratch" and os.path.realpath(init_from) in (os.path.realpath(os.path.join(out_dir, name))
                                                                    for name in ("best.pt", "last.pt")):
-        raise SystemExit(f"error: --init_from={init_from} lies in --out_dir={out_dir}, whose checkpoints this run "
+        raise UserError(f"--init_from={init_from} lies in --out_dir={out_dir}, whose checkpoints this run "
                          f"writes over; pass another --out_dir")
     if init_from not in ("scratch", "resume"):  # fine-tuning: the weights bring their own architecture
         for k in SWITCHES:
@@ -252,21 +254,21 @@ def check_settings():
         weight_decay=0, grad_clip=0, sample_length=0, eval_sample_length=0))
     configurator.check_seed(seed)
     if n_embd % n_head:
-        raise SystemExit(f"error: --n_embd={n_embd} must be a multiple of --n_head={n_head}")
+        raise UserError(f"--n_embd={n_embd} must be a multiple of --n_head={n_head}")
     if rope and n_embd // n_head % 2:
-        raise SystemExit(f"error: --rope=True turns pairs of dimensions, so the head size (n_embd / n_head = "
+        raise UserError(f"--rope=True turns pairs of dimensions, so the head size (n_embd / n_head = "
                          f"{n_embd // n_head}) must be even; change --n_embd or --n_head, or pass --rope=False")
     if not 0 <= dropout < 1:
-        raise SystemExit(f"error: --dropout={dropout} must be in [0, 1)")
+        raise UserError(f"--dropout={dropout} must be in [0, 1)")
     if min_lr > learning_rate:
-        raise SystemExit(f"error: --min_lr={min_lr} is above --learning_rate={learning_rate}; the lr decays to "
+        raise UserError(f"--min_lr={min_lr} is above --learning_rate={learning_rate}; the lr decays to "
                          f"min_lr, so give a smaller one")
     if lora_rank < 0 or lora_alpha <= 0 or lora_layers not in LAYERS:
-        raise SystemExit(f"error: --lora_rank={lora_rank}, --lora_alpha={lora_alpha}, --lora_layers={lora_layers}: "
+        raise UserError(f"--lora_rank={lora_rank}, --lora_alpha={lora_alpha}, --lora_layers={lora_layers}: "
                          f"the rank must be >= 0 (0: no adapters), alpha > 0, and the layers one of "
                          f"{', '.join(LAYERS)}")
     if gradient_accumulation_steps % WORLD_SIZE:
-        raise SystemExit(f"error: --gradient_accumulation_steps={gradient_accumulation_steps} is the total over "
+        raise UserError(f"--gradient_accumulation_steps={gradient_accumulation_steps} is the total over "
                          f"{WORLD_SIZE} processes and must be a multiple of {WORLD_SIZE}")
 
 
@@ -275,7 +277,7 @@ def start_processes():
     dev = configurator.pick_device(device)
     if DDP and dev.startswith("cuda"):
         if LOCAL_RANK >= torch.cuda.device_count():
-            raise SystemExit(f"error: torchrun started more processes than this machine has GPUs "
+            raise UserError(f"torchrun started more processes than this machine has GPUs "
                              f"({torch.cuda.device_count()}); use --nproc_per_node={torch.cuda.device_count()}")
         dev = configurator.pick_device(f"cuda:{LOCAL_RANK}")
     if DDP:
@@ -287,7 +289,7 @@ def load_dataset():
     """meta.json and both splits of data_dir, prepared first if data_dir is a default one and empty."""
     meta_path = os.path.join(data_dir, "meta.json")
     if not os.path.exists(meta_path) and data_dir not in DEFAULT_DATA:
-        raise SystemExit(f"error: no prepared data in {data_dir}; run python prepare.py --data_dir={data_dir}")
+        raise UserError(f"no prepared data in {data_dir}; run python prepare.py --data_dir={data_dir}")
     if not os.path.exists(meta_path) and LOCAL_RANK == 0:  # one process per machine prepares it
         prepare.prepare(tokenizer=DEFAULT_DATA[data_dir], data_dir=data_dir)
     if DDP:
@@ -301,7 +303,7 @@ def build_model(ckpt, meta, dev):
     lora_rank > 0); its shape is recorded in the settings."""
     if ckpt:
         if ckpt["tokenizer"] != meta["tokenizer"]:
-            raise SystemExit(f"error: the data in {data_dir} was tokenized differently from the checkpoint in "
+            raise UserError(f"the data in {data_dir} was tokenized differently from the checkpoint in "
                              f"{out_dir}; pass the --data_dir the run was trained on")
         model = model_from_checkpoint(ckpt, os.path.join(out_dir, "last.pt"))  # a LoRA run's: base + adapters
     elif init_from == "scratch":
@@ -310,18 +312,18 @@ def build_model(ckpt, meta, dev):
         model, tokenizer = load_base(init_from, dropout)
         changed = [k for k in SWITCHES if globals()[k] is not None and globals()[k] != getattr(model.config, k)]
         if changed:
-            raise SystemExit(f"error: --{changed[0]}={globals()[changed[0]]} changes the architecture, and the "
+            raise UserError(f"--{changed[0]}={globals()[changed[0]]} changes the architecture, and the "
                              f"weights of {init_from} need their own; drop it to fine-tune them")
         if tokenizer is None and model.config.vocab_size != meta["vocab_size"]:
-            raise SystemExit(f"error: {init_from} has a vocabulary of {model.config.vocab_size} but the data in "
+            raise UserError(f"{init_from} has a vocabulary of {model.config.vocab_size} but the data in "
                              f"{data_dir} has {meta['vocab_size']}; use --data_dir=data/gpt2 (prepared on first "
                              f"use) or data that python prepare.py --tokenizer=gpt2 wrote")
         if tokenizer is not None and tokenizer != meta["tokenizer"]:
-            raise SystemExit(f"error: the data in {data_dir} was tokenized differently from {init_from}; prepare "
+            raise UserError(f"the data in {data_dir} was tokenized differently from {init_from}; prepare "
                              f"it with that model's tokenizer: python prepare.py --input=FILE "
                              f"--tokenizer=<the data_dir it was trained on> --data_dir=NEW_DIR")
         if block_size > model.config.block_size:
-            raise SystemExit(f"error: --block_size={block_size} is longer than {init_from}'s "
+            raise UserError(f"--block_size={block_size} is longer than {init_from}'s "
                              f"{model.config.block_size} positions")
         model.crop_block_size(block_size)
         if lora_rank:  # freeze every weight, and train adapters on the linear layers
@@ -345,7 +347,7 @@ def resolve_precision(model, dev):
     without bf16, fp32 otherwise. A CPU gains from bf16 only with bf16 matrix units and only for wide models, so
     'auto' takes it there when the model is at least 256 wide and a bf16 matmul beats fp32 by half again."""
     wide = dtype == "auto" and dev == "cpu" and model.config.n_embd >= 256
-    fast = wide and bench.cpu_matmul_flops(torch.bfloat16) > 1.5 * bench.cpu_matmul_flops(torch.float32)
+    fast = wide and mfu.cpu_matmul_flops(torch.bfloat16) > 1.5 * mfu.cpu_matmul_flops(torch.float32)
     if dev.startswith("cuda"):
         torch.set_float32_matmul_precision("high")  # the fp32 matmuls autocast leaves may use TF32 tensor cores
     globals()["dtype"] = configurator.pick_dtype(dtype, dev, default="bfloat16" if fast else "float32")
@@ -411,7 +413,7 @@ def restore(ckpt, optimizers, scaler, data_rng):
         iter_num, best_val_loss = int(ckpt["iter_num"]), float(ckpt["best_val_loss"])
         seconds = float(ckpt.get("seconds", 0.0))
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
-        raise SystemExit(f"error: {out_dir}/last.pt holds a damaged optimizer, iteration or random state "
+        raise UserError(f"{out_dir}/last.pt holds a damaged optimizer, iteration or random state "
                          f"({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}); resume from an "
                          f"earlier copy, or start a new run with --init_from=scratch --out_dir=NEW_DIR")
     ckpt.clear()  # free the loaded tensors before training
@@ -494,7 +496,7 @@ def step(model, optimizers, scaler, autocast, train_data, data_rng, it, dev, sto
     if flags[0]:
         stop.signals.append("another process")
     if flags[1]:
-        raise SystemExit(f"error: the loss became {loss_sum.item()} at step {it}; stopped without saving, so "
+        raise UserError(f"the loss became {loss_sum.item()} at step {it}; stopped without saving, so "
                          f"{out_dir}/last.pt keeps the last good weights; try a lower --learning_rate or check the data")
     if grad_clip > 0:
         for optimizer in optimizers:
@@ -554,13 +556,13 @@ class StopRequests:
 
 class Progress:
     """Times the steps between progress lines (evaluations left out), and prints loss, lr, speed and MFU: the
-    model's FLOPs per second over the device's peak (see bench.py). elapsed() counts on from a resumed run's
+    model's FLOPs per second over the device's peak (see mfu.py). elapsed() counts on from a resumed run's
     seconds."""
 
     def __init__(self, model, dev, iter_num, seconds=0.0):
         self.tokens_per_iter = batch_size * gradient_accumulation_steps * block_size
-        self.flops_per_iter = bench.flops_per_token(model) * self.tokens_per_iter
-        self.peak = bench.peak_flops(dev.split(":")[0], getattr(torch, dtype))
+        self.flops_per_iter = mfu.flops_per_token(model) * self.tokens_per_iter
+        self.peak = mfu.peak_flops(dev.split(":")[0], getattr(torch, dtype))
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         frozen = f" ({trainable:,} of them trainable)" if trainable < model.num_params() else ""
         log(f"{model.num_params() / 1e6:.2f}M parameters{frozen} on {dev} ({dtype}, {WORLD_SIZE} process"
@@ -579,9 +581,9 @@ class Progress:
             dist.all_reduce(loss)
             loss /= WORLD_SIZE
         dt = (time.perf_counter() - self.t0) / max(1, iter_num - self.iter0)  # per step since the last line
-        mfu = f"{self.flops_per_iter / dt / self.peak / WORLD_SIZE:.1%}" if self.peak else "n/a"
+        utilisation = f"{self.flops_per_iter / dt / self.peak / WORLD_SIZE:.1%}" if self.peak else "n/a"
         log(f"iter {iter_num}: loss {loss.item():.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
-            f"{self.tokens_per_iter / dt:,.0f} tok/s, mfu {mfu}", flush=True)
+            f"{self.tokens_per_iter / dt:,.0f} tok/s, mfu {utilisation}", flush=True)
         append_log(step=iter_num, seconds=self.elapsed(), loss=loss.item(), lr=lr,
                    tokens_per_s=self.tokens_per_iter / dt)
         self.restart(iter_num)
@@ -591,7 +593,8 @@ def print_sample(model, meta, length, fast=False):
     """`length` tokens of text from the model, starting from a newline (or the first character). The sample draws
     from a generator of its own, so training goes on exactly as without it, and the model is back in train mode
     after. fast: the CPU's faster one-row products (generate.py), for the sample at the end."""
-    from generate import sample_text, use_slab_products
+    from fast_linear import use_slab_products
+    from generate import sample_text
 
     tok = tokenizers.from_dict(meta["tokenizer"])
     start = tok.chars[0] if isinstance(tok, tokenizers.CharTokenizer) else "\n"  # sorted: "\n" if there is one

@@ -1,6 +1,7 @@
 import pytest
 
 import configurator
+from configurator import UserError
 
 
 def settings():
@@ -23,12 +24,12 @@ def test_an_int_may_stand_for_a_float():
 @pytest.mark.parametrize("arg", ["--n_layer=6.5", "--n_layer=True", "--learning_rate=True", "--compile=1",
                                  "--learning_rate='fast'"])
 def test_a_value_of_the_wrong_type_is_an_error(arg):
-    with pytest.raises(SystemExit, match="error: --.* must be"):
+    with pytest.raises(UserError, match="--.* must be"):
         configurator.configure(settings(), [arg])
 
 
 def test_an_unknown_key_is_an_error_that_lists_the_known_keys():
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(UserError) as e:
         configurator.configure(settings(), ["--n_layers=6"])
     message = str(e.value)
     assert "unknown setting --n_layers" in message and "did you mean --n_layer?" in message
@@ -38,12 +39,12 @@ def test_an_unknown_key_is_an_error_that_lists_the_known_keys():
 
 @pytest.mark.parametrize("arg", ["--n_layer=six", "--learning_rate=1e-3x", "--n_layer="])
 def test_a_bad_literal_is_an_error(arg):
-    with pytest.raises(SystemExit, match="is not a Python literal"):
+    with pytest.raises(UserError, match="is not a Python literal"):
         configurator.configure(settings(), [arg])
 
 
 def test_a_flag_without_a_value_is_an_error():
-    with pytest.raises(SystemExit, match="needs a value"):
+    with pytest.raises(UserError, match="needs a value"):
         configurator.configure(settings(), ["--n_layer"])
 
 
@@ -70,12 +71,12 @@ def test_a_config_file_of_assignments_applies_before_later_flags(tmp_path):
 def test_a_bad_config_file_is_an_error(tmp_path, body, message):
     path = tmp_path / "cfg.py"
     path.write_text(body, encoding="utf-8")
-    with pytest.raises(SystemExit, match=message.replace("(", r"\(")):
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
         configurator.configure(settings(), [str(path)])
 
 
 def test_a_missing_config_file_is_an_error():
-    with pytest.raises(SystemExit, match="config file nope.py not found"):
+    with pytest.raises(UserError, match="config file nope.py not found"):
         configurator.configure(settings(), ["nope.py"])
 
 
@@ -84,10 +85,10 @@ def test_unavailable_devices_are_refused():
 
     assert configurator.pick_device("cpu") == "cpu"
     assert configurator.pick_device("auto") in ("cuda", "mps", "cpu")
-    with pytest.raises(SystemExit, match="not a device"):
+    with pytest.raises(UserError, match="not a device"):
         configurator.pick_device("tpu")
     if not torch.cuda.is_available():
-        with pytest.raises(SystemExit, match="no CUDA GPU"):
+        with pytest.raises(UserError, match="no CUDA GPU"):
             configurator.pick_device("cuda")
 
 
@@ -102,5 +103,5 @@ def test_cuda_devices_are_pinned_by_index_and_checked(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", pinned.append)
     assert configurator.pick_device("cuda") == "cuda" and pinned == []
     assert configurator.pick_device("cuda:1") == "cuda:1" and pinned == [1]
-    with pytest.raises(SystemExit, match="has 2 CUDA GPU"):
+    with pytest.raises(UserError, match="has 2 CUDA GPU"):
         configurator.pick_device("cuda:2")

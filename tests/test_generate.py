@@ -84,15 +84,15 @@ def test_cached_and_uncached_generation_give_identical_tokens(prompt_len, temper
 
 @pytest.mark.parametrize("slabs", [True, False])
 def test_in_float32_the_cached_logits_match_recomputing_whichever_cpu_product_runs(monkeypatch, slabs):
-    import generate
+    import fast_linear
 
-    monkeypatch.setattr(generate, "slabs_pay", lambda threads: slabs)  # as if timed so on this CPU
+    monkeypatch.setattr(fast_linear, "slabs_pay", lambda threads: slabs)  # as if timed so on this CPU
     products = []
     real_bmm = torch.bmm
     monkeypatch.setattr(torch, "bmm", lambda *a: products.append(a) or real_bmm(*a))
     torch.manual_seed(0)  # width 256: c_attn, c_fc and the MLP's c_proj are large enough for the slab products
     model = GPT(GPTConfig(block_size=32, vocab_size=30, n_layer=2, n_head=4, n_embd=256)).eval()
-    generate.use_slab_products(model)
+    fast_linear.use_slab_products(model)
     with torch.no_grad():  # biases start at zero, where a product that dropped them would go unseen
         for name, p in model.named_parameters():
             if name.endswith("bias"):
@@ -117,17 +117,17 @@ def test_the_cache_feeds_one_position_per_step():
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_the_cpu_path_for_one_token_computes_what_nn_linear_computes(monkeypatch, threads):
-    import generate
+    import fast_linear
 
     slab_products = []
     real_bmm = torch.bmm
     monkeypatch.setattr(torch, "bmm", lambda *a: slab_products.append(a) or real_bmm(*a))
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    monkeypatch.setattr(generate, "slabs_pay", functools.cache(generate.slabs_pay.__wrapped__))  # a fresh, empty cache
+    monkeypatch.setattr(fast_linear, "slabs_pay", functools.cache(fast_linear.slabs_pay.__wrapped__))  # a fresh, empty cache
     torch.manual_seed(0)
     for out, inn, bias in [(1536, 384, True), (1001, 512, False), (50257, 64, False)]:  # 1001, 50257: ragged slabs
         layer = torch.nn.Linear(inn, out, bias=bias)
-        generate.use_slab_products(layer)
+        fast_linear.use_slab_products(layer)
         for shape in [(1, 1, inn), (4, 1, inn), (2, 2, inn), (inn,)]:
             x = torch.randn(shape)
             reference = torch.nn.functional.linear(x, layer.weight.detach(), layer.bias)
@@ -136,8 +136,8 @@ def test_the_cpu_path_for_one_token_computes_what_nn_linear_computes(monkeypatch
                 slab_products.clear()
                 chosen = layer(x)  # whichever was faster here
                 took_slabs = bool(slab_products)
-                slabs = generate.slab_linear(x, layer.weight, layer.bias)
-            assert took_slabs == generate.slabs_pay(threads) and slab_products
+                slabs = fast_linear.slab_linear(x, layer.weight, layer.bias)
+            assert took_slabs == fast_linear.slabs_pay(threads) and slab_products
             assert slabs.shape == chosen.shape == reference.shape
             torch.testing.assert_close(slabs, reference, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(chosen, reference, rtol=1e-5, atol=1e-5)
@@ -147,17 +147,17 @@ def test_the_cpu_path_for_one_token_computes_what_nn_linear_computes(monkeypatch
         assert not slab_products
         layer(torch.randn(1, inn)).sum().backward()  # training: the usual path, with gradients
         assert not slab_products and layer.weight.grad is not None
-    assert generate.slabs_pay.cache_info().misses == 1  # timed once per number of threads, not per weight
+    assert fast_linear.slabs_pay.cache_info().misses == 1  # timed once per number of threads, not per weight
 
 
 def test_the_one_token_path_takes_whichever_product_was_faster(monkeypatch):
-    import generate
+    import fast_linear
 
     layer = torch.nn.Linear(384, 1536)
-    generate.use_slab_products(layer)
+    fast_linear.use_slab_products(layer)
     x = torch.randn(1, 384)
     for slow, expect_slabs in (("bmm", False), ("linear", True)):
-        monkeypatch.setattr(generate, "slabs_pay", functools.cache(generate.slabs_pay.__wrapped__))  # not timed yet
+        monkeypatch.setattr(fast_linear, "slabs_pay", functools.cache(fast_linear.slabs_pay.__wrapped__))  # not timed yet
         used = []
         for name, module in (("bmm", torch), ("linear", torch.nn.functional)):
             real = getattr(module, name)
@@ -168,7 +168,7 @@ def test_the_one_token_path_takes_whichever_product_was_faster(monkeypatch):
             stmt()
             return [1.0 if slow in used else 0.001] * repeat
 
-        monkeypatch.setattr(generate.timeit, "repeat", fake_repeat)
+        monkeypatch.setattr(fast_linear.timeit, "repeat", fake_repeat)
         with torch.inference_mode():
             layer(x)  # the first call times both
             used.clear()
@@ -180,6 +180,7 @@ def test_the_one_token_path_takes_whichever_product_was_faster(monkeypatch):
 def test_a_model_loaded_for_sampling_takes_the_cpu_path_in_its_large_layers_only(tmp_path):
     import dataclasses
 
+    import fast_linear
     import generate
 
     torch.manual_seed(0)
@@ -189,8 +190,8 @@ def test_a_model_loaded_for_sampling_takes_the_cpu_path_in_its_large_layers_only
     torch.save(ckpt, tmp_path / "ckpt.pt")
     loaded, tok = generate.load_for_sampling(str(tmp_path / "ckpt.pt"), "cpu", "float32")
     kinds = {name: type(m) for name, m in loaded.named_modules() if isinstance(m, torch.nn.Linear)}
-    assert kinds == {"transformer.h.0.attn.c_attn": generate.SlabLinear, "transformer.h.0.attn.c_proj": torch.nn.Linear,
-                     "transformer.h.0.mlp.c_fc": generate.SlabLinear, "transformer.h.0.mlp.c_proj": generate.SlabLinear,
+    assert kinds == {"transformer.h.0.attn.c_attn": fast_linear.SlabLinear, "transformer.h.0.attn.c_proj": torch.nn.Linear,
+                     "transformer.h.0.mlp.c_fc": fast_linear.SlabLinear, "transformer.h.0.mlp.c_proj": fast_linear.SlabLinear,
                      "lm_head": torch.nn.Linear}  # 256 x 256 and 30 x 256 stay in the caches: the plain product
     assert not loaded.training and tok.vocab_size == 30
     assert loaded.lm_head.weight is loaded.transformer.wte.weight

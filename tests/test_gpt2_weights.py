@@ -11,6 +11,7 @@ import torch
 import checkpoint
 import gpt
 from checkpoint import from_pretrained, read_safetensors
+from configurator import UserError
 from conftest import oracle, random_gpt2
 from generate import generate
 
@@ -53,11 +54,11 @@ def folder_with(tmp_path, tensors, config):
 
 
 def error_of(call, *args):
-    """The message of the SystemExit that call(*args) raises, checked to be one line starting with 'error: '."""
-    with pytest.raises(SystemExit) as e:
+    """The message of the UserError that call(*args) raises, checked to be one line."""
+    with pytest.raises(UserError) as e:
         call(*args)
-    message = str(e.value.code)
-    assert message.startswith("error: ") and "\n" not in message, message
+    message = str(e.value)
+    assert message and "\n" not in message, message
     return message
 
 

@@ -13,6 +13,7 @@ import torch
 from torch.nn import functional as F
 
 import look
+from configurator import UserError
 from conftest import GPT2_TIKTOKEN, one_error_line, oracle, random_gpt2, run_script, shared_file, write_vocab_and_merges
 from gpt import GPT, GPTConfig
 from test_safety import start, wait_for
@@ -322,7 +323,7 @@ def test_named_tokens_are_characters_for_a_char_model_and_words_after_a_space_fo
     assert look.named_tokens(char, "a.\n") == char.encode("a.\n")
     bpe = BPETokenizer.train((corpus / "input.txt").read_text(encoding="utf-8"), 400)
     assert look.named_tokens(bpe, "king the") == [bpe.encode(" king")[0], bpe.encode(" the")[0]]
-    with pytest.raises(SystemExit, match="'kingqueenbread' is .* tokens for this tokenizer, not one"):
+    with pytest.raises(UserError, match="'kingqueenbread' is .* tokens for this tokenizer, not one"):
         look.named_tokens(bpe, "kingqueenbread")
 
 

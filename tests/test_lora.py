@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-import bench
+import mfu
 import lora
 import prepare
 from checkpoint import load_model
@@ -111,9 +111,9 @@ def test_merged_and_unmerged_adapters_give_the_same_logits():
 
 def test_the_mfu_figure_counts_4_flops_per_frozen_weight_and_6_per_adapter_weight():
     model = random_gpt()
-    full, weights = bench.flops_per_token(model), model.num_params(non_embedding=True)
+    full, weights = mfu.flops_per_token(model), model.num_params(non_embedding=True)
     lora.add_adapters(model, rank=2, alpha=4.0)  # every weight frozen: its gradient is never computed
-    assert bench.flops_per_token(model) == full - 2 * weights + 6 * adapter_count(n_layer=2, n_embd=32, rank=2)
+    assert mfu.flops_per_token(model) == full - 2 * weights + 6 * adapter_count(n_layer=2, n_embd=32, rank=2)
 
 
 # -----------------------------------------------------------------------------

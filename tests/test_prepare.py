@@ -6,6 +6,7 @@ import pytest
 
 import files
 import prepare
+from configurator import UserError
 from conftest import GPT2_TIKTOKEN, gpt2_reference, one_error_line, run_script, shared_file, small_text
 from tokenizer import ENDOFTEXT, CharTokenizer, from_dict
 
@@ -20,7 +21,7 @@ def test_char_tokenizer_round_trips_any_text_including_non_ascii():
 
 def test_char_tokenizer_names_unknown_characters():
     tok = CharTokenizer.train("abc")
-    with pytest.raises(SystemExit, match="outside this model's vocabulary: 'x' 'é'"):
+    with pytest.raises(UserError, match="outside this model's vocabulary: 'x' 'é'"):
         tok.encode("abxé")
 
 
@@ -85,7 +86,7 @@ def test_char_decode_refuses_ids_outside_the_vocabulary():
     tok = CharTokenizer.train("abc")
     assert tok.decode([2, 0, 1]) == "cab" and tok.decode(iter([2, 0, 1])) == "cab"  # any iterable, read once
     for bad in (3, -1):
-        with pytest.raises(SystemExit, match=f"token id {bad} is not in this vocabulary"):
+        with pytest.raises(UserError, match=f"token id {bad} is not in this vocabulary"):
             tok.decode([0, bad])
 
 
@@ -155,7 +156,7 @@ def test_download_fetches_the_file_and_checks_its_sha256(server, tmp_path):
     path = tmp_path / "sub" / "file.bin"
     files.download(server.url, str(path), "hint", hashlib.sha256(server.content).hexdigest())
     assert path.read_bytes() == server.content and not (tmp_path / "sub" / "file.bin.part").exists()
-    with pytest.raises(SystemExit, match="sha256 mismatch\\); use a local copy"):
+    with pytest.raises(UserError, match="sha256 mismatch\\); use a local copy"):
         files.download(server.url, str(tmp_path / "other.bin"), "use a local copy", "0" * 64)
     assert not (tmp_path / "other.bin").exists() and not (tmp_path / "other.bin.part").exists()
 
@@ -182,7 +183,7 @@ def test_offline_download_failure_says_how_to_provide_text(tmp_path, monkeypatch
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(requests, "get", offline)
-    with pytest.raises(SystemExit, match=r"could not download https://raw.githubusercontent.com/karpathy/char-rnn/"
+    with pytest.raises(UserError, match=r"could not download https://raw.githubusercontent.com/karpathy/char-rnn/"
                                          r".*put a UTF-8 text file at input.txt or pass --input=FILE"):
         prepare.prepare()
     assert not (tmp_path / "input.txt").exists()
@@ -222,7 +223,7 @@ def test_uint16_holds_a_vocabulary_of_65536_and_not_one_more(tmp_path):
     ids = np.concatenate([np.fromfile(f"{out}/{split}.bin", dtype=np.uint16) for split in ("train", "val")])
     assert ids.tolist() == list(range(65536))  # sorted distinct characters: id i is the i-th, up to 65,535
     (tmp_path / "big.txt").write_text("".join(chars[:65537]), encoding="utf-8")
-    with pytest.raises(SystemExit, match="uint16 holds ids up to 65,535"):
+    with pytest.raises(UserError, match="uint16 holds ids up to 65,535"):
         prepare.prepare(input=str(tmp_path / "big.txt"), data_dir=str(tmp_path / "data"))
 
 

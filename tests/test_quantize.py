@@ -10,7 +10,7 @@ import torch
 
 import generate
 from conftest import one_error_line, run_script, trained_folder
-from generate import Int8Linear, int8_weights, quantize_int8
+from fast_linear import Int8Linear, int8_weights, quantize_int8
 from gpt import GPT, GPTConfig
 
 

@@ -9,6 +9,7 @@ from collections import Counter
 import pytest
 
 import tokenizer
+from configurator import UserError
 from conftest import (GPT2_TIKTOKEN, SHAKESPEARE, gpt2_reference, oracle, shared_file, small_text,
                       write_vocab_and_merges)
 from tokenizer import ENDOFTEXT, GPT2_PATTERN, BPETokenizer, bytes_to_unicode, compile_pattern, from_dict
@@ -61,7 +62,7 @@ def test_decode_refuses_ids_outside_the_vocabulary(bpe):
     ids = bpe.encode("the cat")
     assert bpe.decode(iter(ids)) == "the cat"  # any iterable: the check must not use it up
     for bad in (-1, bpe.vocab_size):
-        with pytest.raises(SystemExit, match=f"token id {bad} is not in this vocabulary"):
+        with pytest.raises(UserError, match=f"token id {bad} is not in this vocabulary"):
             bpe.decode([1, bad])
 
 
@@ -109,7 +110,7 @@ def test_training_stops_when_no_pair_is_left_and_never_merges_across_specials():
 
 @pytest.mark.parametrize("vocab_size", [0, 256, 65537])
 def test_vocab_size_out_of_range_is_refused(vocab_size):
-    with pytest.raises(SystemExit, match=f"--vocab_size={vocab_size} must be between 257 .* and 65536"):
+    with pytest.raises(UserError, match=f"--vocab_size={vocab_size} must be between 257 .* and 65536"):
         BPETokenizer.train("some text", vocab_size)
 
 
@@ -143,7 +144,7 @@ def test_to_dict_survives_json_and_torch_load_with_weights_only(bpe, tmp_path):
 def test_a_damaged_tokenizer_dict_is_a_clear_error(bpe, damage):
     d = bpe.to_dict()
     damage(d)
-    with pytest.raises(SystemExit, match="tokenizer in this checkpoint or meta.json is damaged"):
+    with pytest.raises(UserError, match="tokenizer in this checkpoint or meta.json is damaged"):
         from_dict(d)
 
 
@@ -262,7 +263,7 @@ def test_gpt2_download_offline_says_how_to_use_a_local_file(tmp_path, monkeypatc
 
     monkeypatch.setattr(tokenizer, "CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(requests, "get", offline)
-    with pytest.raises(SystemExit, match=r"could not download https://huggingface.co/openai-community/gpt2/"
+    with pytest.raises(UserError, match=r"could not download https://huggingface.co/openai-community/gpt2/"
                                          r"resolve/main/vocab.json \(ConnectionError\); pass --gpt2_vocab=PATH"):
         tokenizer.gpt2_tokenizer()
 
@@ -297,7 +298,7 @@ def test_bad_gpt2_vocabulary_sources_are_one_clear_line(tmp_path, source, messag
         bad.mkdir()
         for name, content in source.items():
             (bad / name).write_text(content, encoding="utf-8")
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(UserError, match=message):
         tokenizer.gpt2_tokenizer(str(bad))
 
 
