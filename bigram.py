@@ -6,7 +6,7 @@ bigram.py: the simplest language model there is, in one self-contained file.
 Each token looks up a row of a (vocab_size, vocab_size) table and reads off scores for the next token: nothing
 about earlier tokens, no attention, no layers. It still learns which characters tend to follow which, and brings
 the validation loss from about 4.7 down to about 2.5. gpt.py starts from exactly this model and adds a
-way for tokens to talk to each other. Edit the numbers below and re-run.
+way for tokens to talk to each other: one line near the end swaps it in. Edit the numbers below and re-run.
 """
 
 import os
@@ -105,6 +105,8 @@ class BigramLanguageModel(nn.Module):
 
 
 model = BigramLanguageModel(vocab_size)
+# gpt.py's transformer trains in this same loop, its tokens attending to the ones before: uncomment the next line
+# from gpt import GPT, GPTConfig; model = GPT(GPTConfig(vocab_size=vocab_size, block_size=block_size))
 optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
 
 for it in range(max_iters + 1):

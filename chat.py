@@ -72,6 +72,7 @@ max_streams = 32  # --web: generations running at once; a request beyond them ge
 device = "auto"  # 'auto' (cuda, then mps, then cpu), or 'cpu', 'cuda', 'mps'
 dtype = "auto"  # the weights' precision: 'auto' (bf16 or fp16 on a GPU, fp32 elsewhere), 'float32', 'bfloat16'
 quantize = ""  # 'int8': int8 weights, as generate.py --quantize=int8 (less memory, faster on a CPU); '': as loaded
+fused_attention = True  # attention in one fused kernel; False runs your edited attend() in gpt.py
 # -----------------------------------------------------------------------------
 
 SAMPLING = ("temperature", "top_k", "top_p", "length", "seed")  # what a command or a request may change
@@ -384,7 +385,7 @@ def serve(model, tok):
     except OSError as e:  # the port is taken, or the host is not one of this machine's addresses
         reason = getattr(e, "strerror", None) or e
         raise UserError(f"cannot listen on {host}:{port} ({reason}); pick another --port (0: any free one) "
-                         f"or --host")
+                        f"or --host")
     print(f"{describe(model, tok)}\nserving http://{host}:{server.server_port}/ (Ctrl-C stops)", flush=True)
     try:
         server.serve_forever()
@@ -407,7 +408,8 @@ def main(args):
         if not lowest <= globals()[name] <= highest:
             raise UserError(f"--{name}={globals()[name]} must be from {lowest} to {highest}")
     dev = configurator.pick_device(device)
-    model, tok = load_for_sampling(init_from, dev, configurator.pick_dtype(dtype, dev), quantize)  # fp32 off the GPU
+    model, tok = load_for_sampling(init_from, dev, configurator.pick_dtype(dtype, dev), quantize,  # fp32 off the GPU
+                                   fused_attention)
     if web:
         serve(model, tok)
     else:

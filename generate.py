@@ -41,6 +41,7 @@ kv_cache = True  # reuse the keys and values of earlier positions
 device = "auto"  # 'auto' (cuda, then mps, then cpu), or 'cpu', 'cuda', 'mps'
 dtype = "auto"  # the weights' precision: 'auto' (bf16 or fp16 on a GPU, fp32 elsewhere), 'float32', 'bfloat16'
 quantize = ""  # 'int8': every linear layer's weight in int8, a quarter of fp32's bytes (Int8Linear); '': as loaded
+fused_attention = True  # attention in one fused kernel; False samples with your edited attend() in gpt.py
 # -----------------------------------------------------------------------------
 
 
@@ -72,7 +73,7 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
         if torch.isfinite(probs).all():
             raise
         raise UserError("the model's outputs are not finite numbers (NaN or inf), so there is nothing to "
-                         "sample from; its weights are damaged, or they overflowed in this --dtype (try float32)")
+                        "sample from; its weights are damaged, or they overflowed in this --dtype (try float32)")
 
 
 @torch.inference_mode()  # no autograd bookkeeping at all: less overhead per token than no_grad
@@ -159,14 +160,16 @@ def sample_text(model, tok, prompt_text, max_new_tokens, num_samples=1, temperat
     return texts
 
 
-def load_for_sampling(init_from, device, dtype, quantize=""):
+def load_for_sampling(init_from, device, dtype, quantize="", fused_attention=True):
     """The model and tokenizer from init_from (see checkpoint.py), on `device` in `dtype`, ready to sample from:
-    a LoRA run's adapters merged into the weights, and those quantized to int8 if `quantize` says so."""
+    a LoRA run's adapters merged into the weights, and those quantized to int8 if `quantize` says so; attention
+    fused, or written out (gpt.py's attend()) if fused_attention is False."""
     if quantize not in ("", "int8"):
         raise UserError(f"--quantize={quantize} is unknown; use int8, or leave it empty for the weights as "
-                         f"they are")
+                        f"they are")
     model, tok = load_model(init_from)
     model = merge_adapters(model).to(device, getattr(torch, dtype)).eval()  # the same outputs as unmerged, faster
+    model.use_fused_attention(fused_attention)
     if quantize:
         quantize_int8(model)
     else:
@@ -192,9 +195,10 @@ def main(args):
                 text = f.read()
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"cannot read the prompt file {text[5:]} ({type(e).__name__}); "
-                             f"give a UTF-8 text file")
+                            f"give a UTF-8 text file")
     dev = configurator.pick_device(device)
-    model, tok = load_for_sampling(init_from, dev, configurator.pick_dtype(dtype, dev), quantize)  # fp32 off the GPU
+    model, tok = load_for_sampling(init_from, dev, configurator.pick_dtype(dtype, dev), quantize,  # fp32 off the GPU
+                                   fused_attention)
     try:
         sample_text(model, tok, text, max_new_tokens, num_samples, temperature, top_k, top_p, seed, kv_cache)
     except KeyboardInterrupt:

@@ -83,8 +83,6 @@ class CausalSelfAttention(nn.Module):
     query's dot product with every key says how much to take from that position; the future is masked out, a
     softmax turns the scores into weights that sum to 1, and the output is the weighted sum of the values."""
 
-    fast = True  # F.scaled_dot_product_attention: the same computation in one fused kernel; False: written out
-
     def __init__(self, config):
         super().__init__()
         assert config.n_embd % config.n_head == 0, "n_embd must be a multiple of n_head"
@@ -94,6 +92,7 @@ class CausalSelfAttention(nn.Module):
         self.qk_norm = config.qk_norm
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # query, key, value at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)  # mixes the heads back together
+        self.fused = True  # F.scaled_dot_product_attention, the same computation in one kernel; False: attend()
         self.weights = None  # the written-out path keeps its attention weights here: (B, nh, T, Tk)
 
     def forward(self, x, cache=None, rotation=None):
@@ -106,7 +105,7 @@ class CausalSelfAttention(nn.Module):
             q, k = rotate(q, rotation), rotate(k, rotation)
         if cache is not None:  # generation: remember this step's keys and values, attend over all so far
             k, v = cache.append(k, v)  # (B, nh, Tk, hs), Tk = positions cached before + T
-        if self.fast:  # a single new query (T == 1) comes after every cached key, so it needs no mask
+        if self.fused:  # a single new query (T == 1) comes after every cached key, so it needs no mask
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
                                                is_causal=T > 1)
         else:
@@ -115,7 +114,7 @@ class CausalSelfAttention(nn.Module):
         return F.dropout(self.c_proj(y), self.dropout, self.training)
 
     def attend(self, q, k, v):
-        """softmax(q @ k^T / sqrt(hs)) @ v with the future masked out, step by step; the reference for `fast`."""
+        """softmax(q @ k^T / sqrt(hs)) @ v with the future masked out, step by step; what the fused kernel computes."""
         T, Tk, hs = q.size(2), k.size(2), q.size(3)
         scores = q @ k.transpose(-2, -1) / math.sqrt(hs)  # (B, nh, T, hs) @ (B, nh, hs, Tk) -> (B, nh, T, Tk)
         # query i sits at position Tk - T + i (after the cached ones) and may see keys 0..Tk - T + i
@@ -213,6 +212,24 @@ class GPT(nn.Module):
             return logits, None
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens):
+        """Extend idx (B, T) by max_new_tokens tokens, each drawn from the model's prediction: bigram.py's loop, with
+        the context cropped to the last block_size tokens. generate.py has the fast, cached and tunable one."""
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.config.block_size :])  # (B, T, V)
+            probs = F.softmax(logits[:, -1, :], dim=-1)  # only the last position predicts the next token: (B, V)
+            idx_next = torch.multinomial(probs, num_samples=1)  # (B, 1)
+            idx = torch.cat((idx, idx_next), dim=1)  # (B, T + 1)
+        return idx
+
+    def use_fused_attention(self, fused=True):
+        """Attention in every block by the fused kernel (True), or by CausalSelfAttention.attend() written out
+        (False: an edit of attend() then changes what the model computes). Returns the model."""
+        for block in self.transformer.h:
+            block.attn.fused = fused
+        return self
 
     def num_params(self, non_embedding=False):
         """Parameters counted once (a tied lm_head is wte); non_embedding leaves out the position table."""

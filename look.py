@@ -60,6 +60,7 @@ png = ""  # where to write the picture; '': curves.png or attention.png in the c
 device = "auto"  # 'auto' (cuda, then mps, then cpu), or 'cpu', 'cuda', 'mps'
 dtype = "float32"  # the weights' precision: 'float32', or 'bfloat16' (faster on a GPU, a little less exact)
 quantize = ""  # 'int8': int8 weights, as generate.py --quantize=int8 samples with them; '': as loaded
+fused_attention = True  # attention in one fused kernel; False runs your edited attend() in gpt.py (maps always do)
 # -----------------------------------------------------------------------------
 
 
@@ -75,6 +76,7 @@ def load(init_from, dev):
         model, tok = model_from_checkpoint(ckpt, init_from), tokenizers.from_dict(ckpt["tokenizer"])
         trained_on = ckpt.get("config", {}).get("data_dir", "")
     model = model.to(dev, getattr(torch, configurator.pick_dtype(dtype, dev))).eval()
+    model.use_fused_attention(fused_attention)
     if quantize:
         quantize_int8(merge_adapters(model))  # the weights generate.py --quantize=int8 samples with
     return model, tok, trained_on
@@ -130,15 +132,15 @@ def text_ids(tok, data_dir):
         source = os.path.join(data_dir, "val.bin")
         if not os.path.isfile(os.path.join(data_dir, "meta.json")):
             raise UserError(f"no prepared data in {data_dir}; run python prepare.py --data_dir={data_dir}, "
-                             f"or pass --input=FILE")
+                            f"or pass --input=FILE")
         meta = prepare.read_meta(data_dir)  # checked, as train.py checks it
         ids = prepare.load_split(data_dir, "val", meta).astype(np.int64).tolist()
         if meta["tokenizer"] != tok.to_dict():
             raise UserError(f"the data in {data_dir} was tokenized differently from the model; pass the "
-                             f"--data_dir it was trained on, or --input=FILE")
+                            f"--data_dir it was trained on, or --input=FILE")
     if len(ids) < 2:
         raise UserError(f"{source} holds {len(ids)} token{'s' * (len(ids) != 1)}, and evaluating needs at "
-                         f"least 2 (one to predict from, one to predict); give a longer text")
+                        f"least 2 (one to predict from, one to predict); give a longer text")
     return ids, source
 
 
@@ -149,14 +151,14 @@ def run_eval():
         raise UserError(f"--batch_tokens={batch_tokens} must be at least 1")
     if not (input or data_dir) and (init_from in GPT2_SIZES or os.path.isdir(init_from)):
         raise UserError("GPT-2's published weights come with no val split; pass --input=FILE, or the "
-                         "--data_dir that python prepare.py --tokenizer=gpt2 wrote")
+                        "--data_dir that python prepare.py --tokenizer=gpt2 wrote")
     model, tok, trained_on = load(init_from, configurator.pick_device(device))
     ids, source = text_ids(tok, data_dir or trained_on)
     T = min(model.config.block_size, len(ids) - 1)
     step = stride or max(1, T // 2)
     if step > T:
         raise UserError(f"--stride={stride} is longer than the windows ({T} tokens) and would skip tokens; "
-                         f"give at most {T}")
+                        f"give at most {T}")
     t0 = time.perf_counter()
     r = evaluate(model, tok, ids, step, batch_tokens)
     print(f"{init_from} on {source}: {r['tokens']:,} tokens predicted ({r['bytes']:,} bytes of UTF-8)")
@@ -191,7 +193,7 @@ def read_log(run):
             rows = [json.loads(line) for line in f if line.strip()]
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read the log {path} ({type(e).__name__}); train.py writes log.jsonl to "
-                         f"its out_dir: pass --runs=OUT_DIR")
+                        f"its out_dir: pass --runs=OUT_DIR")
     if not rows:
         raise UserError(f"the log {path} is empty; train for at least log_interval steps first")
     return rows
@@ -237,14 +239,13 @@ def attention_maps(model, ids):
     """The attention weights of every layer and head on ids, (n_layer, n_head, T, T): row i says how much the
     token at i takes from each token up to itself. Read from the written-out path (CausalSelfAttention.attend)."""
     modules = [m for m in model.modules() if isinstance(m, CausalSelfAttention)]
-    was = [m.fast for m in modules]
-    for m in modules:
-        m.fast = False
+    was = [m.fused for m in modules]
+    model.use_fused_attention(False)
     try:
         model(torch.tensor([ids], device=model.lm_head.weight.device))
     finally:
-        for m, fast in zip(modules, was):
-            m.fast = fast
+        for m, fused in zip(modules, was):
+            m.fused = fused
     return torch.stack([m.weights[0] for m in modules]).float().cpu()  # (L, nh, T, T)
 
 
@@ -309,7 +310,7 @@ def named_tokens(tok, text):
         one = [t for t in (tok.encode(" " + word), tok.encode(word)) if len(t) == 1]
         if not one:
             raise UserError(f"{word!r} is {len(tok.encode(word))} tokens for this tokenizer, not one; "
-                             f"name single tokens, such as --tokens='king day'")
+                            f"name single tokens, such as --tokens='king day'")
         ids.append(one[0][0])
     return ids
 
@@ -345,7 +346,7 @@ def main(args):
     configurator.configure(globals(), args[1:] if command else args)  # --help lists the settings
     if command not in COMMANDS:
         raise UserError(f"{'unknown command ' + repr(command) if command else 'no command'}; use python "
-                         f"look.py {' | '.join(COMMANDS)} [--key=value ...] (--help lists the settings)")
+                        f"look.py {' | '.join(COMMANDS)} [--key=value ...] (--help lists the settings)")
     COMMANDS[command]()
 
 

@@ -1,7 +1,10 @@
 """bigram.py is a script that trains as soon as it runs, for a minute or more: here its first part (settings, data,
-get_batch and the model, everything above the training) runs alone, on a small text."""
+get_batch and the model, everything above the training) runs alone, on a small text; and its whole loop trains
+gpt.py's transformer once its one commented line is swapped in."""
 
 import os
+import subprocess
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -44,3 +47,25 @@ def test_bigram_loss_is_the_cross_entropy_of_the_next_token_under_its_table(corp
     assert torch.equal(logits, table[x])
     log_probs = F.log_softmax(table[x], dim=-1)  # (B, T, V)
     torch.testing.assert_close(loss, -log_probs.gather(-1, y[..., None]).mean())
+
+
+def test_bigram_s_own_loop_trains_gpt_s_transformer_after_its_one_line_swap(corpus):
+    """The commented line in bigram.py puts gpt.GPT in place of the bigram table; the file's loop, evaluation and
+    sampling then train and sample it unchanged (here for fewer steps, on the small text)."""
+    with open(os.path.join(ROOT, "bigram.py"), encoding="utf-8") as f:
+        source = f.read()
+    swap = "# from gpt import GPT, GPTConfig; model = GPT(GPTConfig(vocab_size=vocab_size, block_size=block_size))"
+    assert source.count(swap) == 1 and source.index("\nmodel = BigramLanguageModel(") < source.index(swap)
+    source = source.replace(swap, swap[2:]).replace("max_iters = 3000", "max_iters = 200")
+    source = source.replace("eval_interval = 500", "eval_interval = 200").replace("eval_iters = 200", "eval_iters = 20")
+    (corpus / "bigram_gpt.py").write_text(source, encoding="utf-8")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    result = subprocess.run([sys.executable, "bigram_gpt.py"], cwd=corpus, capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    first, last = (float(line.split("val loss ")[1]) for line in (lines[0], lines[1]))
+    assert lines[0].startswith("step 0:") and lines[1].startswith("step 200:")
+    assert first > 3.0 and last < 0.75 * first  # from about ln(vocab_size) to well below it: it learns
+    sample = "\n".join(lines[2:])
+    assert len(sample) >= 500 and set(sample) <= set((corpus / "input.txt").read_text(encoding="utf-8"))

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from gpt import GPT2_SIZES, GPT, CausalSelfAttention, GPTConfig, parameter_table
+from gpt import GPT2_SIZES, GPT, GPTConfig, parameter_table, rotary
 
 
 def tiny(**kw):
@@ -118,11 +118,8 @@ def test_dropout_is_active_in_training_and_off_in_eval():
     assert torch.equal(model(x)[0], model(x)[0])
 
 
-def written_out(model, fast=False):
-    for module in model.modules():
-        if isinstance(module, CausalSelfAttention):
-            module.fast = fast
-    return model
+def written_out(model, fused=False):
+    return model.use_fused_attention(fused)
 
 
 @pytest.mark.parametrize("prompt_len", [1, 7, 16])
@@ -241,8 +238,74 @@ def test_the_switches_change_what_they_say():
     assert model.lm_head.weight is not model.transformer.wte.weight and "lm_head.weight" in names  # untied
     assert all(torch.all(p == 0) for n, p in names.items() if n.endswith("c_proj.weight"))  # zero-initialised
     assert isinstance(model.transformer.ln_f, torch.nn.RMSNorm)
-    x = torch.tensor([-2.0, -0.5, 0.0, 1.5])
-    mlp = model.transformer.h[0].mlp
-    assert torch.equal(torch.nn.functional.relu(x).square(), torch.nn.functional.relu(x) ** 2) and mlp.relu2
     baseline = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32))
     assert model.num_params() == baseline.num_params() - 16 * 32 + 50 * 32 - 2 * 2 * 32 - 32  # no wpe, a head, no biases in norms
+
+
+def test_use_fused_attention_reaches_every_block():
+    model = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=3, n_head=2, n_embd=16))
+    assert [b.attn.fused for b in model.transformer.h] == [True] * 3  # the kernel by default
+    assert model.use_fused_attention(False) is model
+    assert [b.attn.fused for b in model.transformer.h] == [False] * 3
+
+
+def test_generate_crops_its_context_to_the_block_and_appends_one_sampled_token_per_step():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=8, vocab_size=50, n_layer=1, n_head=2, n_embd=16)).eval()
+    seen = []
+    real = model.forward
+    model.forward = lambda idx, targets=None: seen.append(idx.shape) or real(idx, targets)
+    idx = torch.randint(0, 50, (3, 5))
+    out = model.generate(idx, max_new_tokens=6)
+    assert out.shape == (3, 11) and torch.equal(out[:, :5], idx)
+    assert seen == [(3, 5), (3, 6), (3, 7), (3, 8), (3, 8), (3, 8)]  # at most block_size positions, the latest
+    torch.manual_seed(1)
+    first = model.generate(idx, 1)[:, -1]
+    torch.manual_seed(1)
+    probs = torch.softmax(real(idx)[0][:, -1], dim=-1)
+    assert torch.equal(first, torch.multinomial(probs, 1)[:, 0])  # drawn from the last position's softmax
+
+
+def test_relu2_mlp_is_the_projection_of_relu_squared():
+    torch.manual_seed(0)
+    mlp = GPT(GPTConfig(block_size=8, vocab_size=50, n_layer=1, n_head=2, n_embd=16, relu2=True)).transformer.h[0].mlp
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    mlp = mlp.double()
+    h = x @ mlp.c_fc.weight.T + mlp.c_fc.bias
+    expected = torch.where(h > 0, h * h, torch.zeros_like(h)) @ mlp.c_proj.weight.T + mlp.c_proj.bias
+    torch.testing.assert_close(mlp(x), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_rope_attention_turns_queries_and_keys_by_position_and_leaves_values_alone(qk_norm):
+    """The attention layer against its definition, written out here: q, k, v from c_attn; with qk_norm, each
+    head's q and k divided by their root mean square; each pair (i, i + hs/2) of q and k turned as a complex
+    number by the angle position * 10000^(-2i/hs); v as it is; softmax(q k^T / sqrt(hs)) over the past; c_proj."""
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=16, rope=True, qk_norm=qk_norm)
+    model = GPT(config).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    attn, (B, T, C, nh, hs) = model.transformer.h[0].attn, (2, 7, 16, 2, 8)
+    x = torch.randn(B, T, C, dtype=torch.float64)
+    q, k, v = (x @ attn.c_attn.weight.T + attn.c_attn.bias).split(C, dim=-1)
+    q, k, v = (t.view(B, T, nh, hs).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+    if qk_norm:
+        q, k = (t / torch.sqrt((t * t).mean(-1, keepdim=True) + torch.finfo(t.dtype).eps) for t in (q, k))
+    angle = torch.arange(T, dtype=torch.float64)[:, None] * 10000.0 ** (-torch.arange(0, hs, 2, dtype=torch.float64) / hs)
+    phase = torch.polar(torch.ones_like(angle), angle)  # (T, hs/2): e^(j angle)
+
+    def turned(t):
+        z = torch.complex(t[..., : hs // 2], t[..., hs // 2 :]) * phase
+        return torch.cat([z.real, z.imag], dim=-1)
+
+    scores = turned(q) @ turned(k).transpose(-2, -1) / math.sqrt(hs)
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    y = (torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(B, T, C)
+    expected = y @ attn.c_proj.weight.T + attn.c_proj.bias
+    with torch.no_grad():
+        for fused in (True, False):
+            model.use_fused_attention(fused)
+            out = attn(x, rotation=rotary(0, T, hs, x.dtype, x.device))
+            torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)

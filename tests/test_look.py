@@ -266,7 +266,7 @@ def test_attention_rows_sum_to_1_see_no_future_and_give_the_fast_paths_output():
     assert maps.shape == (3, 2, 12, 12)
     assert torch.allclose(maps.sum(-1), torch.ones(3, 2, 12))
     assert torch.equal(maps.triu(diagonal=1), torch.zeros_like(maps))
-    assert all(m.fast for m in (b.attn for b in model.transformer.h))  # put back as it was
+    assert all(m.fused for m in (b.attn for b in model.transformer.h))  # put back as it was
     with torch.no_grad():
         for layer, block in enumerate(model.transformer.h):
             v = block.attn.c_attn(inputs[layer]).split(16, dim=-1)[2]  # (1, T, C): the values
