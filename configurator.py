@@ -68,7 +68,7 @@ def check_type(key, value, default):
         value = float(value) if abs(value) < 2**1000 else math.inf  # --learning_rate=1 means 1.0
     if type(value) is not type(default):
         raise UserError(f"--{key} must be {type(default).__name__} (like {default!r}), "
-                         f"got {type(value).__name__} {value!r}")
+                        f"got {type(value).__name__} {value!r}")
     if isinstance(value, float) and not math.isfinite(value):  # 1e999 is a literal for inf
         raise UserError(f"--{key}={value} must be a finite number")
     return value
@@ -165,7 +165,7 @@ def pick_device(device):
     if kind == "cuda" and index is not None:
         if index >= torch.cuda.device_count():
             raise UserError(f"--device={device} but this machine has {torch.cuda.device_count()} "
-                             f"CUDA GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}; pick one of them")
+                            f"CUDA GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}; pick one of them")
         torch.cuda.set_device(index)  # cuda:1 is then the default for everything, the generators included
     return device
 

@@ -125,7 +125,7 @@ def main(args):
     ckpt = load_checkpoint(init_from)
     if "lora" not in ckpt:
         raise UserError(f"{init_from} holds no adapters, so there is nothing to merge; it is already a "
-                         f"plain checkpoint that generate.py reads as it is")
+                        f"plain checkpoint that generate.py reads as it is")
     model, _ = load_base(init_from)  # the base, checked against its sha256, with the adapters merged into it
     state = dict(model=model.state_dict(), model_config=ckpt["model_config"], tokenizer=ckpt["tokenizer"],
                  config=ckpt.get("config", {}))  # the settings of the run that trained the adapters

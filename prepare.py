@@ -96,7 +96,7 @@ def make_tokenizer(name, train_text, vocab_size=4096, gpt2_vocab=""):
     if name == "gpt2":
         return tokenizers.gpt2_tokenizer(gpt2_vocab)
     raise UserError(f"--tokenizer={name} is unknown; use char, bpe, gpt2, or a folder prepare.py wrote "
-                     f"to reuse its tokenizer")
+                    f"to reuse its tokenizer")
 
 
 def prepare(input=DEFAULT_INPUT, tokenizer="char", data_dir="", val_fraction=0.1, vocab_size=4096, gpt2_vocab=""):
@@ -104,7 +104,7 @@ def prepare(input=DEFAULT_INPUT, tokenizer="char", data_dir="", val_fraction=0.1
     `data_dir`."""
     if os.path.isdir(tokenizer) and (not data_dir or os.path.realpath(data_dir) == os.path.realpath(tokenizer)):
         raise UserError(f"--tokenizer={tokenizer} reuses that folder's tokenizer; pass --data_dir=NEW_DIR "
-                         f"for the new data, so that {tokenizer}'s own stays as it is")
+                        f"for the new data, so that {tokenizer}'s own stays as it is")
     data_dir = data_dir or os.path.join("data", tokenizer)
     if not 0 < val_fraction < 1:
         raise UserError(f"--val_fraction={val_fraction} must be between 0 and 1, like 0.1")
@@ -118,14 +118,14 @@ def prepare(input=DEFAULT_INPUT, tokenizer="char", data_dir="", val_fraction=0.1
         print(f"{tokenizer} tokenizer ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     if tok.vocab_size > 2**16:  # ids 0..65535 fit in uint16
         raise UserError(f"{input} has {tok.vocab_size:,} distinct tokens, but uint16 holds ids up to 65,535; "
-                         f"use a smaller text or a tokenizer with a smaller vocabulary")
+                        f"use a smaller text or a tokenizer with a smaller vocabulary")
 
     # the token ids: <|endoftext|> in the text separates documents, and with BPE it is the one special token
     splits = {"train": tok.encode(text[:n], allowed_special=True), "val": tok.encode(text[n:], allowed_special=True)}
     for split, ids in splits.items():
         if len(ids) < 2:  # one (input, target) pair is the least a block can hold
             raise UserError(f"{input} is too short: its {split} split has {len(ids)} tokens, "
-                             f"not enough for one block; use a longer text")
+                            f"not enough for one block; use a longer text")
 
     # the files, written together: a failure part of the way leaves the data that was there before
     meta = {"tokenizer": tok.to_dict(), "vocab_size": tok.vocab_size, "train_tokens": len(splits["train"]),
@@ -159,7 +159,7 @@ def read_meta(data_dir):
     tok = tokenizers.from_dict(meta["tokenizer"])
     if tok.vocab_size != meta["vocab_size"]:
         raise UserError(f"{path} says vocab_size {meta['vocab_size']}, but its tokenizer has "
-                         f"{tok.vocab_size} tokens; run prepare.py again")
+                        f"{tok.vocab_size} tokens; run prepare.py again")
     return meta
 
 
@@ -171,13 +171,13 @@ def load_split(data_dir, split, meta, block_size=1):
     vocab_size, expected_tokens = meta["vocab_size"], meta[f"{split}_tokens"]
     if size % 2 or size // 2 != expected_tokens:
         raise UserError(f"{path} has {size} bytes but meta.json says {expected_tokens} uint16 tokens "
-                         f"(truncated or corrupted?); run prepare.py again")
+                        f"(truncated or corrupted?); run prepare.py again")
     data = np.memmap(path, dtype=np.uint16, mode="r")
     if data.max() >= vocab_size:
         raise UserError(f"{path} holds token id {data.max()} >= vocab_size {vocab_size}; run prepare.py again")
     if len(data) <= block_size:
         raise UserError(f"{path} has {len(data)} tokens, too few for --block_size={block_size}; "
-                         f"use a smaller --block_size or more text")
+                        f"use a smaller --block_size or more text")
     return data
 
 

@@ -38,7 +38,7 @@ def checked(ids, vocab_size):
     bad = next((i for i in ids if not 0 <= i < vocab_size), None)
     if bad is not None:
         raise UserError(f"token id {bad} is not in this vocabulary (0 to {vocab_size - 1}); "
-                         f"use ids from this tokenizer")
+                        f"use ids from this tokenizer")
     return ids
 
 
@@ -93,7 +93,7 @@ class CharTokenizer(Tokenizer):
         if unknown:
             shown = " ".join(repr(c) for c in unknown[:20])
             raise UserError(f"the text has characters outside this model's vocabulary: {shown}; "
-                             f"use only characters from its training text")
+                            f"use only characters from its training text")
         return [self.ids[c] for c in text]
 
     def decode(self, ids):
@@ -222,7 +222,7 @@ def merges_wanted(vocab_size, special_tokens):
     """How many merges make a vocabulary of vocab_size: 256 bytes + merges + special tokens."""
     if not 256 + len(special_tokens) <= vocab_size <= 65536:
         raise UserError(f"--vocab_size={vocab_size} must be between {256 + len(special_tokens)} "
-                         f"(256 bytes + {len(special_tokens)} special) and 65536 (ids up to 65,535 fit in uint16)")
+                        f"(256 bytes + {len(special_tokens)} special) and 65536 (ids up to 65,535 fit in uint16)")
     return vocab_size - 256 - len(special_tokens)
 
 

@@ -1,7 +1,12 @@
+import os
+import subprocess
+import sys
+
 import pytest
 
 import configurator
 from configurator import UserError
+from conftest import ROOT
 
 
 def settings():
@@ -105,3 +110,27 @@ def test_cuda_devices_are_pinned_by_index_and_checked(monkeypatch):
     assert configurator.pick_device("cuda:1") == "cuda:1" and pinned == [1]
     with pytest.raises(UserError, match="has 2 CUDA GPU"):
         configurator.pick_device("cuda:2")
+
+
+def test_a_user_error_in_library_code_leaves_an_interactive_python_running(tmp_path):
+    lines = ["import checkpoint, prepare, tokenizer",
+             "checkpoint.load_checkpoint('missing.pt')",
+             "tokenizer.CharTokenizer.train('ab').decode([7])",
+             "prepare.read_meta('nowhere')",
+             "print('still', 'here')"]
+    result = subprocess.run([sys.executable, "-i", "-q"], input="\n".join(lines) + "\n", cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert "still here" in result.stdout, result.stderr  # SystemExit would have ended the interpreter
+    assert result.stderr.count("configurator.UserError: ") == 3, result.stderr
+    assert "no checkpoint at missing.pt" in result.stderr and "token id 7 is not in this vocabulary" in result.stderr
+    assert not issubclass(UserError, SystemExit)
+
+
+def test_a_script_turns_a_user_error_into_one_line_and_exit_code_1():
+    @configurator.script
+    def main(args):
+        raise UserError(f"--n_layer={args[0]} must be at least 1")
+
+    with pytest.raises(SystemExit) as e:
+        main(["0"])
+    assert e.value.code == "error: --n_layer=0 must be at least 1"  # printed to stderr, exit status 1
