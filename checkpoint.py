@@ -53,7 +53,7 @@ def load_model(init_from):
         model, tok = model_from_checkpoint(ckpt, init_from), tokenizers.from_dict(ckpt["tokenizer"])
     if tok.vocab_size != model.config.vocab_size:  # ids the model has no embedding for, or never predicts
         raise UserError(f"{init_from} holds a model with a vocabulary of {model.config.vocab_size} tokens "
-                         f"but a tokenizer of {tok.vocab_size}; use weights and a vocabulary that belong together")
+                        f"but a tokenizer of {tok.vocab_size}; use weights and a vocabulary that belong together")
     return model, tok
 
 
@@ -70,23 +70,23 @@ def load_checkpoint(path, map_location="cpu"):
             damaged = archive.testzip()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:  # a cut-off one, say
         raise UserError(f"{path} is not a readable checkpoint (truncated or corrupted? {str(e)[:80]}); "
-                         f"use another one, such as best.pt beside last.pt")
+                        f"use another one, such as best.pt beside last.pt")
     if damaged:
         raise UserError(f"{path} is damaged: its entry {damaged} fails its CRC check; use another "
-                         f"checkpoint, such as best.pt beside last.pt")
+                        f"checkpoint, such as best.pt beside last.pt")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise UserError(f"refusing to load {path}: it holds pickled Python objects, not just tensors "
-                         f"and plain values ({first[:120]}); only load checkpoints from sources you trust")
+                        f"and plain values ({first[:120]}); only load checkpoints from sources you trust")
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise UserError(f"{path} is not a readable checkpoint (truncated or corrupted?): {str(e)[:120]}")
     missing = [k for k in ("model", "model_config", "tokenizer")
                if not isinstance(ckpt, dict) or not isinstance(ckpt.get(k), dict)]
     if missing:
         raise UserError(f"{path} is not a gpt-from-scratch checkpoint (missing {', '.join(missing)}); "
-                         f"pass a checkpoint that train.py wrote")
+                        f"pass a checkpoint that train.py wrote")
     return ckpt
 
 
@@ -97,8 +97,8 @@ def model_from_checkpoint(ckpt, path="the checkpoint", dropout=None):
     quantized = next((k for k, t in ckpt["model"].items() if torch.is_tensor(t) and not t.is_floating_point()), None)
     if quantized:
         raise UserError(f"{path} holds {str(ckpt['model'][quantized].dtype)[6:]} weights ({quantized}), "
-                         f"not float ones, so it cannot be trained or loaded as a model; use the float checkpoint "
-                         f"they came from (generate.py --quantize=int8 quantizes weights as it loads them)")
+                        f"not float ones, so it cannot be trained or loaded as a model; use the float checkpoint "
+                        f"they came from (generate.py --quantize=int8 quantizes weights as it loads them)")
     if "lora" in ckpt:
         return adapted_from_checkpoint(ckpt, path, dropout)
     try:
@@ -179,19 +179,19 @@ def adapted_from_checkpoint(ckpt, path, dropout=None):
         config.dropout = config.dropout if dropout is None else dropout
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{path} holds a damaged LoRA record ({type(e).__name__}: {str(e)[:80]}); use "
-                         f"another checkpoint of the run, or train the adapters again")
+                        f"another checkpoint of the run, or train the adapters again")
     if base not in GPT2_SIZES and not os.path.exists(base):
         raise UserError(f"{path} holds adapters for the base model {base}, which is not there any more; put "
-                         f"the base back at that path (the adapters mean nothing without it)")
+                        f"the base back at that path (the adapters mean nothing without it)")
     if weights_sha256(base) != sha256:
         raise UserError(f"{base}, the base model that {path} adapts, has changed since the adapters were "
-                         f"trained (its sha256 is no longer {sha256[:16]}...); put the original base back, or train "
-                         f"new adapters on this one")
+                        f"trained (its sha256 is no longer {sha256[:16]}...); put the original base back, or train "
+                        f"new adapters on this one")
     model, _ = load_base(base, config.dropout)
     if dataclasses.asdict(model.config) | dict(block_size=config.block_size) != dataclasses.asdict(config) or (
             config.block_size > model.config.block_size):
         raise UserError(f"{path} describes a model of another shape than its base {base}; use the base "
-                         f"its adapters were trained on")
+                        f"its adapters were trained on")
     model.crop_block_size(config.block_size)
     add_adapters(model, rank, alpha, layers, generator=torch.Generator())  # the random A is overwritten next
     try:
@@ -200,6 +200,62 @@ def adapted_from_checkpoint(ckpt, path, dropout=None):
         raise UserError(f"{path} does not hold the adapters its LoRA record describes ({str(e)[:120]})")
     check_finite(model, path)
     return model
+
+
+# -----------------------------------------------------------------------------
+# What a checkpoint fixes for the run that goes on from it: train.py applies these with its flags
+
+RUN_STATE = ("optimizers", "scaler", "rng", "iter_num", "best_val_loss", "config")  # besides the model
+MODEL_KEYS = [f.name for f in dataclasses.fields(GPTConfig) if f.name != "vocab_size"]  # train.py's model settings
+SWITCHES = MODEL_KEYS[MODEL_KEYS.index("rope"):]  # past GPT-2: rope, rmsnorm, ..., tie_embeddings
+
+
+def resumed_settings(ckpt, path, flags):
+    """The settings of the run that `ckpt` (read from `path`) continues: the ones it saved, except those given
+    now as `flags` ({name: value}, like a larger max_iters). A flag that contradicts what the saved state fixes
+    (the model's shape, its switches, Muon or not, the adapters) is a UserError."""
+    missing = [k for k in RUN_STATE if k not in ckpt and not (k == "optimizers" and "optimizer" in ckpt)]
+    if missing or not isinstance(ckpt["config"], dict):
+        raise UserError(f"{path} lacks {', '.join(missing) or 'its settings'}, so the run cannot continue exactly; "
+                        f"sample from it with generate.py, or start a new run with --init_from=scratch "
+                        f"--out_dir=NEW_DIR")
+    settings = {k: v for k, v in ckpt["config"].items() if k not in flags and k != "init_from"}
+    if flags.get("dtype", settings.get("dtype")) == "auto" and "precision" in ckpt:
+        settings["dtype"] = ckpt["precision"]  # the precision the run chose, not a new choice by a new probe
+    fixed = {k: ckpt["model_config"].get(k, getattr(GPTConfig, k)) for k in MODEL_KEYS}
+    fixed["muon"] = ckpt["config"].get("muon", False)  # which optimizer holds which moments
+    lora = ckpt.get("lora")
+    fixed.update(dict(lora_rank=lora["rank"], lora_alpha=lora["alpha"], lora_layers=lora["layers"]) if lora
+                 else dict(lora_rank=0))  # which weights train
+    clash = [k for k in fixed if k in flags and flags[k] != fixed[k]]
+    if clash:
+        saved = ", ".join(f"{k}={fixed[k]}" for k in clash)
+        raise UserError(f"the checkpoint in {os.path.dirname(path) or '.'} has {saved}; drop those flags to resume, "
+                        f"or start a new run with --init_from=scratch --out_dir=NEW_DIR")
+    return settings
+
+
+def base_settings(init_from, flags):
+    """What the base model `init_from` (a train.py checkpoint, or GPT-2: a size or a folder) fixes for a run that
+    fine-tunes it: its shape and its switches, and AdamW (muon=False) unless `flags` ask for Muon. A flag that
+    would change its architecture is a UserError; block_size may crop its positions."""
+    if init_from in GPT2_SIZES or os.path.isdir(init_from):
+        config = GPTConfig(**gpt2_shape(init_from))
+    else:
+        config = checked_config(load_checkpoint(init_from)["model_config"])
+    changed = [k for k in SWITCHES if k in flags and flags[k] != getattr(config, k)]
+    if changed:
+        raise UserError(f"--{changed[0]}={flags[changed[0]]} changes the architecture, and the weights of "
+                        f"{init_from} need their own; drop it to fine-tune them")
+    shape = {k: getattr(config, k) for k in MODEL_KEYS if k not in ("block_size", "dropout")}
+    return dict(shape, muon=flags.get("muon", False))
+
+
+def optimizer_states(ckpt, optimizers):
+    """{name: state_dict} for each of `optimizers` (train.py's names), from a checkpoint's `optimizers`, or from
+    the `optimizer` (AdamW) and `muon` entries that checkpoints held before optimizers had names."""
+    states = ckpt["optimizers"] if "optimizers" in ckpt else {"adamw": ckpt["optimizer"], "muon": ckpt.get("muon")}
+    return {name: states[name] for name in optimizers}
 
 
 # -----------------------------------------------------------------------------
@@ -268,7 +324,7 @@ def read_safetensors(path):
 
     def bad(why):
         return UserError(f"{path} is not a valid safetensors file ({why}); "
-                          f"delete it and download or save it again")
+                         f"delete it and download or save it again")
 
     size = os.path.getsize(path)
     with open(path, "rb") as f:
@@ -339,31 +395,36 @@ def gpt2_config(folder):
     ]:
         if cfg.get(key, default) not in same:
             raise UserError(f"{path} sets {key}={cfg[key]!r}, a GPT-2 variant this GPT cannot represent "
-                             f"exactly (it needs {' or '.join(map(json.dumps, same))}); use a standard GPT-2")
+                            f"exactly (it needs {' or '.join(map(json.dumps, same))}); use a standard GPT-2")
     return shape
+
+
+def gpt2_shape(name_or_folder):
+    """GPTConfig's fields for one of GPT2_SIZES, or from the config.json of a folder that holds a GPT-2."""
+    if name_or_folder in GPT2_SIZES:  # a folder with the same name can be passed as ./gpt2
+        return dict(vocab_size=50257, block_size=1024, **GPT2_SIZES[name_or_folder])
+    folder = name_or_folder
+    if not os.path.isdir(folder):
+        raise UserError(f"{folder!r} is neither a GPT-2 size ({', '.join(GPT2_SIZES)}) nor a folder; pass "
+                        f"one of those sizes, or a folder with the config.json and model.safetensors of a GPT-2")
+    if any(os.path.isfile(os.path.join(folder, f)) for f in ("best.pt", "last.pt")):
+        raise UserError(f"{folder} is a train.py run, not a GPT-2; sample from it with python generate.py "
+                        f"--init_from={os.path.join(folder, 'best.pt')}, continue it with python train.py "
+                        f"--init_from=resume --out_dir={folder}")
+    return gpt2_config(folder)
 
 
 def gpt2_checkpoint(name_or_folder):
     """(GPTConfig fields, {name: tensor}, where they came from) for one of GPT2_SIZES, downloaded into
     CACHE_DIR the first time, or for a folder holding config.json and model.safetensors."""
-    if name_or_folder in GPT2_SIZES:  # a folder with the same name can be passed as ./gpt2
+    config = gpt2_shape(name_or_folder)
+    if name_or_folder in GPT2_SIZES:
         path = gpt2_file(name_or_folder)
-        return dict(vocab_size=50257, block_size=1024, **GPT2_SIZES[name_or_folder]), read_safetensors(path), path
-
-    folder = name_or_folder
-    if not os.path.isdir(folder):
-        raise UserError(f"{folder!r} is neither a GPT-2 size ({', '.join(GPT2_SIZES)}) nor a folder; pass "
-                         f"one of those sizes, or a folder with the config.json and model.safetensors of a GPT-2")
-    if any(os.path.isfile(os.path.join(folder, f)) for f in ("best.pt", "last.pt")):
-        raise UserError(f"{folder} is a train.py run, not a GPT-2; sample from it with python generate.py "
-                         f"--init_from={os.path.join(folder, 'best.pt')}, continue it with python train.py "
-                         f"--init_from=resume --out_dir={folder}")
-    config = gpt2_config(folder)
-    files = weight_files(folder)
+        return config, read_safetensors(path), path
     tensors = {}
-    for file in files:
-        tensors.update(read_safetensors(os.path.join(folder, file)))
-    return config, tensors, folder
+    for file in weight_files(name_or_folder):
+        tensors.update(read_safetensors(os.path.join(name_or_folder, file)))
+    return config, tensors, name_or_folder
 
 
 def gpt2_file(name):
@@ -388,13 +449,13 @@ def weight_files(folder):
         return ["model.safetensors"]
     if len(indexes) + len(singles) > 1:
         raise UserError(f"{folder} holds its weights in more than one form ({', '.join(indexes + singles)}); "
-                         f"keep one of them there")
+                        f"keep one of them there")
     if singles:
         return singles
     if not indexes:
         raise UserError(f"no model.safetensors in {folder}; weights in .bin or .pt files are pickles, which "
-                         f"can run arbitrary code when loaded, so they are not read: convert them with transformers' "
-                         f"save_pretrained(folder, safe_serialization=True)")
+                        f"can run arbitrary code when loaded, so they are not read: convert them with transformers' "
+                        f"save_pretrained(folder, safe_serialization=True)")
     index = os.path.join(folder, indexes[0])  # a large model that save_pretrained split into shards
     try:
         with open(index, encoding="utf-8") as f:
@@ -405,7 +466,7 @@ def weight_files(folder):
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise UserError(f"{index} lists {len(files)} shards, but {missing[0]}{more} is not in {folder}; "
-                         f"copy the missing shards there")
+                        f"copy the missing shards there")
     return files
 
 
@@ -431,12 +492,12 @@ def gpt2_state_dict(tensors, model, source):
     missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
     if missing or unexpected:
         raise UserError(f"{source} does not hold the tensors of a GPT-2 (missing: {first(missing)}; "
-                         f"unexpected: {first(unexpected)}); use the model.safetensors of a GPT2LMHeadModel")
+                        f"unexpected: {first(unexpected)}); use the model.safetensors of a GPT2LMHeadModel")
     for key, t in state.items():
         if t.shape != expected[key] or not t.is_floating_point():
             raise UserError(f"{source}: {key} is {str(t.dtype)[6:]}{list(t.shape)} where this model needs "
-                             f"float{list(expected[key])}; use the config.json that came with the weights")
+                            f"float{list(expected[key])}; use the config.json that came with the weights")
     if lm_head is not None and not torch.equal(lm_head, state["transformer.wte.weight"]):
         raise UserError(f"{source} holds an lm_head.weight different from wte.weight; this GPT ties the two "
-                         f"tables, as GPT-2 does, so it cannot hold these weights")
+                        f"tables, as GPT-2 does, so it cannot hold these weights")
     return {**state, "lm_head.weight": state["transformer.wte.weight"]}

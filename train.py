@@ -13,11 +13,11 @@ Reads data_dir/train.bin, val.bin and meta.json (preparing them first if data_di
 Writes to out_dir: config.json (the resolved settings), last.pt (at every evaluation, at the end, and on Ctrl-C),
 best.pt (whenever the val loss improves) and log.jsonl (a JSON object per progress line and evaluation, which
 `python look.py curves` draws). Settings are the globals below: override them as --key=value or with a config
-file of `key = value` lines (see configurator.py). The functions read the settings from there; everything else
-they need comes in as arguments.
+file of `key = value` lines (see configurator.py).
 
-The run, in the order of main(): settings -> processes and device -> data -> model -> precision and optimizer ->
-the loop (evaluate and save, step, log) -> the end (a sample).
+Read it in order: the settings; then the idea (a batch, the learning rate, the optimizers, one step, evaluation,
+the loop, and main(), the run from start to end); then, below one banner, the machinery a real run needs
+(settings from a checkpoint or a base model, several processes, saving and resuming, the log, Ctrl-C, progress).
 """
 
 import json
@@ -27,22 +27,23 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-import mfu
 import configurator
-from configurator import UserError
+import mfu
 import prepare
 import tokenizer as tokenizers
+from checkpoint import (MODEL_KEYS, base_reference, base_settings, load_base, load_checkpoint, model_from_checkpoint,
+                        optimizer_states, resumed_settings, rng_state, set_rng_state)
+from configurator import UserError
 from files import make_folder, remove_stale_temporaries, write_atomically
 from gpt import GPT2_SIZES, GPT, GPTConfig
-from muon import Muon
-from checkpoint import base_reference, load_base, load_checkpoint, model_from_checkpoint, rng_state, set_rng_state
 from lora import LAYERS, adapter_state, add_adapters
+from muon import Muon
 
 # -----------------------------------------------------------------------------
 # where from, where to
@@ -59,6 +60,7 @@ n_embd = 64  # width of the residual stream; cost grows with its square
 block_size = 64  # context length in tokens; attention cost grows with it
 dropout = 0.0  # regularisation; helps bigger models on small data (0.2 for the 6-layer GPU run)
 bias = True  # biases in Linear and LayerNorm layers, as in GPT-2
+fused_attention = True  # attention in one fused kernel; False trains your edited attend() in gpt.py (slower)
 # past GPT-2's architecture (gpt.py's GPTConfig explains each). On by default: what docs/speed.md measured to pay
 # in minutes on a CPU. Fine-tuning takes its base's architecture, and AdamW, unless these are given
 rope = True  # rotary position embeddings instead of a learned position table
@@ -75,19 +77,21 @@ lora_layers = "all"  # which linear layers of each block get adapters: 'attn', '
 # batches
 batch_size = 16  # sequences per micro-step (per process under torchrun)
 gradient_accumulation_steps = 1  # micro-steps per optimizer step, counted over all processes
-# AdamW with linear warmup and cosine decay
-learning_rate = 5e-3  # peak learning rate; small models take large steps
+# the optimizers, on one schedule: linear warmup, cosine decay
+learning_rate = 5e-3  # AdamW's peak learning rate; small models take large steps
 max_iters = 2500  # optimizer steps in the whole run; more steps, lower loss, longer wait
 lr_decay_iters = 0  # steps over which the lr decays to min_lr; 0: max_iters (kept when a resume adds steps)
 warmup_iters = 100  # steps of linear warmup from 0 to learning_rate
-min_lr = 1e-4  # the lr at the end of the decay
-weight_decay = 0.1  # applied to matrices and embeddings only, never to biases or LayerNorm gains
+min_lr = 1e-4  # AdamW's lr at the end of the decay
+weight_decay = 0.1  # AdamW's, on the matrices and embeddings it trains: with muon, only the token embedding
+#                     (which the tied lm_head shares); without, every matrix too. Never biases or gains
 beta1 = 0.9  # AdamW momentum
 beta2 = 0.99  # AdamW second-moment decay; 0.99 suits small batches better than GPT-2's 0.95
 grad_clip = 1.0  # clip the gradient's global norm to this; 0 turns clipping off
-muon = True  # Muon for the blocks' weight matrices (muon.py), AdamW for embeddings, gains and biases
-muon_learning_rate = 0.01  # Muon's peak lr, on the same warmup and decay as learning_rate
+muon = True  # Muon for the weight matrices inside the blocks (muon.py), AdamW for embeddings, gains and biases
+muon_learning_rate = 0.01  # Muon's peak lr: the same curve as AdamW's, scaled to this peak
 muon_momentum = 0.95  # Muon's (Nesterov) momentum
+muon_weight_decay = 0.0  # Muon's decoupled decay of the blocks' matrices; 0: none (weight_decay is AdamW's)
 # evaluation and logging
 eval_interval = 500  # evaluate, and write checkpoints, every this many steps
 eval_iters = 25  # batches per evaluation, from fixed, evenly spaced windows of each split
@@ -101,10 +105,6 @@ compile = False  # torch.compile the model: faster steps after a compile that co
 seed = 1337  # same seed and settings on a CPU: the same run, step for step
 # -----------------------------------------------------------------------------
 
-SWITCHES = ("rope", "rmsnorm", "qk_norm", "relu2", "zero_init", "tie_embeddings")  # GPTConfig's, past GPT-2
-MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", *SWITCHES)
-DEFAULT_DATA = {os.path.join("data", t): t for t in ("char", "bpe", "gpt2")}  # data train.py may prepare itself
-
 # processes: torchrun starts one per device and tells each where it stands; a plain `python train.py` is one
 DDP = "RANK" in os.environ
 RANK, LOCAL_RANK, WORLD_SIZE = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
@@ -116,134 +116,183 @@ def log(*args, **kwargs):
         print(*args, **kwargs)
 
 
+# -----------------------------------------------------------------------------
+# The idea: batches of text, the learning rate, the optimizers, one step, evaluation, the loop
+
+
+def batch(data, offsets, device):
+    """Inputs and next-token targets, both (B, T), from windows of block_size + 1 tokens starting at `offsets`."""
+    window = torch.from_numpy(data[offsets[:, None] + np.arange(block_size + 1)].astype(np.int64))  # (B, T + 1)
+    x, y = window[:, :-1], window[:, 1:]
+    if device.startswith("cuda"):  # pinned memory lets the copy overlap with compute
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+def get_lr(it):
+    """AdamW's lr at step `it`: linear warmup to learning_rate, cosine decay to min_lr over lr_decay_iters, then
+    min_lr. Every other optimizer follows the same curve, scaled to its own peak (step() does that)."""
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    progress = min(1.0, (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters))
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
+
+
+def make_optimizers(model, device_type):
+    """{name: (optimizer, its peak lr)}, each trainable parameter in one: with muon, Muon takes the weight matrices
+    inside the blocks; AdamW takes the rest, decaying those with dim >= 2 (matrices, embeddings), never biases or
+    gains. step(), save() and restore() loop over this dict: an optimizer swapped or added here trains, saves and
+    resumes like the others."""
+    params = [p for p in model.parameters() if p.requires_grad]  # a tied lm_head is wte: counted once
+    matrices = [p for name, p in model.named_parameters() if muon and p.requires_grad and p.dim() == 2 and ".h." in name]
+    params = [p for p in params if not any(p is m for m in matrices)]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    fused = device_type in ("cuda", "cpu")  # one kernel for the whole update
+    optimizers = {"adamw": (torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2), fused=fused),
+                            learning_rate)}
+    if muon:
+        optimizers["muon"] = (Muon(matrices, lr=muon_learning_rate, momentum=muon_momentum,
+                                   weight_decay=muon_weight_decay), muon_learning_rate)
+    return optimizers
+
+
+def step(model, optimizers, scaler, autocast, train_data, data_rng, it, dev, stop):
+    """Optimizer step `it` over gradient_accumulation_steps micro-batches; returns the mean loss (a tensor).
+    The step's windows are drawn for all processes at once, and process r takes every WORLD_SIZE-th micro-batch."""
+    starts = torch.randint(len(train_data) - block_size, (gradient_accumulation_steps, batch_size),
+                           generator=data_rng).numpy()
+    accum = gradient_accumulation_steps // WORLD_SIZE  # micro-steps in this process
+    loss_sum = torch.zeros((), device=dev)
+    for micro in range(accum):
+        x, y = batch(train_data, starts[micro * WORLD_SIZE + RANK], dev)
+        sync = not DDP or micro == accum - 1  # DDP averages the gradients over processes on the last one only
+        with nullcontext() if sync else model.no_sync(), autocast:
+            _, loss = model(x, y)
+            loss = loss / accum  # the mean over micro-steps
+        scaler.scale(loss).backward()
+        loss_sum += loss.detach()
+    stop_together(stop, loss_sum, it, dev)  # on Ctrl-C in any process, or on a loss that is not finite
+
+    if grad_clip > 0:
+        for optimizer, _ in optimizers.values():
+            scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    lr = get_lr(it)
+    for optimizer, peak in optimizers.values():
+        for group in optimizer.param_groups:  # AdamW at lr; another optimizer at the same point of its own curve
+            group["lr"] = lr if peak == learning_rate else lr / learning_rate * peak if learning_rate else 0.0
+        scaler.step(optimizer)
+        optimizer.zero_grad(set_to_none=True)
+    scaler.update()
+    return loss_sum
+
+
+@torch.no_grad()
+def evaluate(model, data, autocast, dev):
+    """The mean loss of each split over the same evenly spaced windows every time, shared out between processes."""
+    model.eval()
+    losses = {}
+    for split in ("train", "val"):
+        n = min(eval_iters * batch_size, len(data[split]) - block_size)
+        starts = np.linspace(0, len(data[split]) - block_size - 1, n).astype(np.int64)[RANK::WORLD_SIZE]
+        total = torch.zeros(2, device=dev)  # (sum of losses, number of windows)
+        for i in range(0, len(starts), batch_size):
+            x, y = batch(data[split], starts[i : i + batch_size], dev)
+            with autocast:
+                _, loss = model(x, y)
+            total += torch.stack([loss.float() * len(x), torch.tensor(len(x), device=dev)])
+        if DDP:
+            dist.all_reduce(total)
+        losses[split] = (total[0] / total[1]).item()
+    model.train()
+    return losses
+
+
+def train(model, raw_model, optimizers, data, run, dev):
+    """The loop: evaluate and save every eval_interval steps and at the end, take one optimizer step, print a
+    progress line every log_interval steps. `model` takes the steps (compiled, or wrapped for several processes);
+    `raw_model`, the plain module, is evaluated and saved."""
+    autocast = nullcontext() if dtype == "float32" else torch.autocast(dev.split(":")[0], getattr(torch, dtype))
+    progress = Progress(raw_model, dev, run)
+    with StopRequests() as stop:
+        while True:
+            if run.iter_num % eval_interval == 0 or run.iter_num == max_iters:
+                losses = evaluate(raw_model, data, autocast, dev)  # not through DDP's hooks or a recompile
+                improved = losses["val"] < run.best_val_loss
+                run.best_val_loss = min(run.best_val_loss, losses["val"])
+                report(losses, improved, run)
+                save(["last.pt", "best.pt"] if improved else ["last.pt"], raw_model, optimizers, run)
+                if MASTER and eval_sample_length > 0:
+                    print_sample(raw_model, run.meta, eval_sample_length)
+                progress.restart(run.iter_num)  # leave evaluation out of the step timing
+            if run.iter_num >= max_iters:
+                return
+            loss = step(model, optimizers, run.scaler, autocast, data["train"], run.data_rng, run.iter_num, dev, stop)
+            run.iter_num += 1
+            if run.iter_num % log_interval == 0:
+                progress.log(run.iter_num, loss, get_lr(run.iter_num - 1))
+            if stop:
+                save(["last.pt"], raw_model, optimizers, run)
+                log(f"saved {out_dir}/last.pt at step {run.iter_num}; continue with --init_from=resume")
+                raise SystemExit(130)
+
+
 @configurator.script
 def main(args):
-    ckpt = configure(args)
-    dev = start_processes()
+    """The run: settings, processes, data, model, optimizers, the loop, and a sample of what the model learned."""
+    ckpt, dev = configure(args)  # every setting is applied here: the flags, then a resumed run's or a base's
+    if DDP:  # join the other processes: NCCL between GPUs, gloo between CPU processes
+        dist.init_process_group("nccl" if dev.startswith("cuda") else "gloo")
     try:
-        train(ckpt, dev)
-        if DDP:
-            dist.barrier()  # finish together: a process that tears down while another still works can crash it
+        meta, data = load_dataset()
+        torch.manual_seed(seed + RANK)  # the initial weights, then dropout: different in every process
+        raw_model = build_model(ckpt, meta, dev)
+        optimizers = make_optimizers(raw_model, dev.split(":")[0])
+        run = start_run(ckpt, optimizers, meta, dev)  # step 0, or where the checkpoint left every state
+        model = torch.compile(raw_model) if compile else raw_model
+        if DDP:  # processes start from process 0's weights and average their gradients at every step
+            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev] if dev.startswith("cuda") else None)
+        write_settings(dev)
+        start_log(run.iter_num)
+        train(model, raw_model, optimizers, data, run, dev)
+        finish(raw_model, run, dev)
     finally:
         if DDP:
             dist.destroy_process_group()
 
 
-def train(ckpt, dev):
-    """The run, once the settings and processes are in place."""
-    # data and model
-    meta, data = load_dataset()
-    torch.manual_seed(seed + RANK)  # dropout differs per process; DDP copies process 0's initial weights to all
-    model = build_model(ckpt, meta, dev)
-    lora = lora_record(ckpt)  # a LoRA run's checkpoints: the adapters and the base they belong to; else None
-
-    # precision and optimizer, and where a resumed run left them
-    device_type, precision = dev.split(":")[0], resolve_precision(model, dev)
-    autocast = nullcontext() if precision == "float32" else torch.autocast(device_type, getattr(torch, precision))
-    scaler = torch.amp.GradScaler(device_type, enabled=precision == "float16")
-    optimizers = make_optimizers(model, device_type)
-    data_rng = torch.Generator().manual_seed(seed)  # draws every batch: the same in all processes
-    iter_num, best_val_loss, seconds = restore(ckpt, optimizers, scaler, data_rng) if ckpt else (0, math.inf, 0.0)
-
-    # compiled, and wrapped for several processes; raw_model stays the plain module that checkpoints save
-    raw_model = model
-    if compile:
-        model = torch.compile(model)
-    if DDP:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev] if device_type == "cuda" else None)
-    write_settings(dev)
-    start_log(iter_num)
-
-    # the loop: evaluate and save every eval_interval steps, then one optimizer step, with a progress line
-    progress = Progress(raw_model, dev, iter_num, seconds)
-    with StopRequests() as stop:
-        while True:
-            if iter_num % eval_interval == 0 or iter_num == max_iters:
-                losses = evaluate(raw_model, data, autocast, dev)  # not through DDP's hooks or a recompile
-                if not all(map(math.isfinite, losses.values())):
-                    raise UserError(f"the {'val' if math.isfinite(losses['train']) else 'train'} loss is "
-                                     f"not finite at step {iter_num}; stopped without saving these weights")
-                improved, best_val_loss = losses["val"] < best_val_loss, min(best_val_loss, losses["val"])
-                log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
-                    f"{' (best)' if improved else ''}, {progress.elapsed():.1f} s", flush=True)
-                append_log(step=iter_num, seconds=progress.elapsed(), train_loss=losses["train"],
-                           val_loss=losses["val"])
-                save(["last.pt", "best.pt"] if improved else ["last.pt"], raw_model, lora, optimizers, scaler,
-                     data_rng, meta, iter_num, best_val_loss, progress.elapsed())
-                if MASTER and eval_sample_length > 0:
-                    print_sample(raw_model, meta, eval_sample_length)
-                progress.restart(iter_num)  # leave evaluation out of the step timing
-            if iter_num >= max_iters:
-                break
-            loss = step(model, optimizers, scaler, autocast, data["train"], data_rng, iter_num, dev, stop)
-            iter_num += 1
-            if iter_num % log_interval == 0:
-                progress.log(iter_num, loss, get_lr(iter_num - 1))
-            if stop:
-                save(["last.pt"], raw_model, lora, optimizers, scaler, data_rng, meta, iter_num, best_val_loss,
-                     progress.elapsed())
-                log(f"saved {out_dir}/last.pt at step {iter_num}; continue with --init_from=resume")
-                raise SystemExit(130)
-
-    # the end: how long it took, and a sample of what the model learned
-    log(f"done: {iter_num} steps in {progress.elapsed():.1f} s, best val loss {best_val_loss:.4f}, "
-        f"{mfu.peak_memory(device_type)}", flush=True)
-    if MASTER and sample_length > 0:
-        print_sample(raw_model, meta, sample_length, fast=True)
-
-
 # -----------------------------------------------------------------------------
-# settings, processes, data, model, precision, optimizer
+# --- machinery: settings from a checkpoint or a base, processes, data and model, saving and resuming, the log,
+# --- Ctrl-C, progress lines
+
+
+DEFAULT_DATA = {os.path.join("data", t): t for t in ("char", "bpe", "gpt2")}  # data train.py may prepare itself
 
 
 def configure(args):
-    """Apply the flags to the settings above (for --init_from=resume, on top of the run's own settings), check
-    them, and return the checkpoint to resume from, or None."""
+    """Apply every setting, here and nowhere else: the flags, then what a resumed run (its own settings) or a
+    base model (its shape and switches) brings, then what 'auto' and 0 stand for. Returns the checkpoint to resume
+    from (or None) and the device this process trains on."""
     overridden = configurator.configure(globals(), args)
+    flags = {k: globals()[k] for k in overridden}
     ckpt = None
     if init_from == "resume":  # the run continues with its saved settings; flags given now (--max_iters) win
-        ckpt = load_checkpoint(os.path.join(out_dir, "last.pt"))
-        run_state = ("optimizer", "scaler", "rng", "iter_num", "best_val_loss", "config")
-        missing = [k for k in run_state if k not in ckpt]
-        if missing or not isinstance(ckpt["config"], dict):
-            raise UserError(f"{out_dir}/last.pt lacks {', '.join(missing) or 'its settings'}, so the run cannot "
-                             f"continue exactly; sample from it with generate.py, or start a new run with "
-                             f"--init_from=scratch --out_dir=NEW_DIR")
-        for k, v in ckpt["config"].items():
-            if k in globals() and k not in overridden and k != "init_from":
-                globals()[k] = v
-        if dtype == "auto" and "precision" in ckpt:  # the precision it chose, not a new choice by a new probe
-            globals()["dtype"] = ckpt["precision"]
-        fixed = {k: ckpt["model_config"].get(k, getattr(GPTConfig, k)) for k in MODEL_KEYS}
-        fixed["muon"] = ckpt["config"].get("muon", False)  # which optimizer holds which moments
-        adapters = ckpt.get("lora", dict(rank=0, alpha=lora_alpha, layers=lora_layers))  # which weights train
-        fixed.update(lora_rank=adapters["rank"], lora_alpha=adapters["alpha"], lora_layers=adapters["layers"])
-        clash = [k for k in fixed if k in overridden and globals()[k] != fixed[k]]
-        if clash:
-            saved = ", ".join(f"{k}={fixed[k]}" for k in clash)
-            raise UserError(f"the checkpoint in {out_dir} has {saved}; drop those flags to resume, "
-                             f"or start a new run with --init_from=scratch --out_dir=NEW_DIR")
-    elif init_from != "scratch" and init_from not in GPT2_SIZES and not os.path.exists(init_from):
-        raise UserError(f"--init_from={init_from} is unknown; use scratch, resume, a checkpoint's path, a "
-                         f"GPT-2 size ({', '.join(GPT2_SIZES)}), or a folder with a GPT-2's config.json and "
-                         f"model.safetensors")
-    elif init_from == "scratch" and lora_rank:
-        raise UserError(f"--lora_rank={lora_rank} adapts a trained model, and --init_from=scratch has none; "
-                         f"pass --init_from=path/to/best.pt or a GPT-2, or drop --lora_rank")
-    elif init_from != "scratch" and os.path.realpath(init_from) in (os.path.realpath(os.path.join(out_dir, name))
-                                                                   for name in ("best.pt", "last.pt")):
-        raise UserError(f"--init_from={init_from} lies in --out_dir={out_dir}, whose checkpoints this run "
-                         f"writes over; pass another --out_dir")
-    if init_from not in ("scratch", "resume"):  # fine-tuning: the weights bring their own architecture
-        for k in SWITCHES:
-            if k not in overridden:
-                globals()[k] = None  # the base's, once build_model has loaded it
-        if "muon" not in overridden:  # and AdamW fine-tunes them, as they were trained, unless asked otherwise
-            globals()["muon"] = False
-    if lr_decay_iters == 0:  # fixed now and saved: resuming with a larger --max_iters goes on at min_lr
-        globals()["lr_decay_iters"] = max_iters
+        path = os.path.join(out_dir, "last.pt")
+        ckpt = load_checkpoint(path)
+        saved = resumed_settings(ckpt, path, flags)
+        globals().update({k: v for k, v in saved.items() if k in configurator.setting_names(globals())})
+    elif init_from != "scratch":  # fine-tuning: the weights bring their architecture, and AdamW trains them
+        if init_from not in GPT2_SIZES and not os.path.exists(init_from):
+            raise UserError(f"--init_from={init_from} is unknown; use scratch, resume, a checkpoint's path, a GPT-2 "
+                            f"size ({', '.join(GPT2_SIZES)}), or a folder with a GPT-2's config.json and "
+                            f"model.safetensors")
+        globals().update(base_settings(init_from, flags))
+    dev = pick_device()
+    globals().update(lr_decay_iters=lr_decay_iters or max_iters,  # fixed now: a resume that adds steps stays at min_lr
+                     dtype=resolve_precision(dev))
     check_settings()
-    return ckpt
+    return ckpt, dev
 
 
 def check_settings():
@@ -251,38 +300,52 @@ def check_settings():
     configurator.check_at_least(globals(), dict(
         n_layer=1, n_head=1, n_embd=1, block_size=1, batch_size=1, gradient_accumulation_steps=1, eval_interval=1,
         eval_iters=1, log_interval=1, max_iters=0, warmup_iters=0, lr_decay_iters=0, learning_rate=0, min_lr=0,
-        weight_decay=0, grad_clip=0, sample_length=0, eval_sample_length=0))
+        weight_decay=0, muon_weight_decay=0, grad_clip=0, sample_length=0, eval_sample_length=0))
     configurator.check_seed(seed)
+    if init_from == "scratch" and lora_rank:
+        raise UserError(f"--lora_rank={lora_rank} adapts a trained model, and --init_from=scratch has none; pass "
+                        f"--init_from=path/to/best.pt or a GPT-2, or drop --lora_rank")
+    if init_from != "resume" and os.path.realpath(init_from) in (os.path.realpath(os.path.join(out_dir, n))
+                                                                 for n in ("best.pt", "last.pt")):
+        raise UserError(f"--init_from={init_from} lies in --out_dir={out_dir}, whose checkpoints this run writes "
+                        f"over; pass another --out_dir")
     if n_embd % n_head:
         raise UserError(f"--n_embd={n_embd} must be a multiple of --n_head={n_head}")
     if rope and n_embd // n_head % 2:
         raise UserError(f"--rope=True turns pairs of dimensions, so the head size (n_embd / n_head = "
-                         f"{n_embd // n_head}) must be even; change --n_embd or --n_head, or pass --rope=False")
+                        f"{n_embd // n_head}) must be even; change --n_embd or --n_head, or pass --rope=False")
     if not 0 <= dropout < 1:
         raise UserError(f"--dropout={dropout} must be in [0, 1)")
     if min_lr > learning_rate:
-        raise UserError(f"--min_lr={min_lr} is above --learning_rate={learning_rate}; the lr decays to "
-                         f"min_lr, so give a smaller one")
+        raise UserError(f"--min_lr={min_lr} is above --learning_rate={learning_rate}; the lr decays to min_lr, so "
+                        f"give a smaller one")
     if lora_rank < 0 or lora_alpha <= 0 or lora_layers not in LAYERS:
-        raise UserError(f"--lora_rank={lora_rank}, --lora_alpha={lora_alpha}, --lora_layers={lora_layers}: "
-                         f"the rank must be >= 0 (0: no adapters), alpha > 0, and the layers one of "
-                         f"{', '.join(LAYERS)}")
+        raise UserError(f"--lora_rank={lora_rank}, --lora_alpha={lora_alpha}, --lora_layers={lora_layers}: the rank "
+                        f"must be >= 0 (0: no adapters), alpha > 0, and the layers one of {', '.join(LAYERS)}")
     if gradient_accumulation_steps % WORLD_SIZE:
         raise UserError(f"--gradient_accumulation_steps={gradient_accumulation_steps} is the total over "
-                         f"{WORLD_SIZE} processes and must be a multiple of {WORLD_SIZE}")
+                        f"{WORLD_SIZE} processes and must be a multiple of {WORLD_SIZE}")
 
 
-def start_processes():
-    """The device this process trains on; under torchrun, one GPU per process and a process group."""
-    dev = configurator.pick_device(device)
-    if DDP and dev.startswith("cuda"):
+def pick_device():
+    """The device this process trains on: the setting's, or under torchrun on GPUs, the process's own GPU."""
+    if DDP and configurator.pick_device(device).startswith("cuda"):
         if LOCAL_RANK >= torch.cuda.device_count():
             raise UserError(f"torchrun started more processes than this machine has GPUs "
-                             f"({torch.cuda.device_count()}); use --nproc_per_node={torch.cuda.device_count()}")
-        dev = configurator.pick_device(f"cuda:{LOCAL_RANK}")
-    if DDP:
-        dist.init_process_group("nccl" if dev.startswith("cuda") else "gloo")
-    return dev
+                            f"({torch.cuda.device_count()}); use --nproc_per_node={torch.cuda.device_count()}")
+        return configurator.pick_device(f"cuda:{LOCAL_RANK}")
+    return configurator.pick_device(device)
+
+
+def resolve_precision(dev):
+    """The dtype setting, with 'auto' resolved: bf16 autocast where it is fast, fp16 + loss scaling on GPUs
+    without bf16, fp32 otherwise. A CPU gains from bf16 only with bf16 matrix units and only for wide models, so
+    'auto' takes it there when the model is at least 256 wide and a bf16 matmul beats fp32 by half again."""
+    wide = dtype == "auto" and dev == "cpu" and n_embd >= 256
+    fast = wide and mfu.cpu_matmul_flops(torch.bfloat16) > 1.5 * mfu.cpu_matmul_flops(torch.float32)
+    if dev.startswith("cuda"):
+        torch.set_float32_matmul_precision("high")  # the fp32 matmuls autocast leaves may use TF32 tensor cores
+    return configurator.pick_dtype(dtype, dev, default="bfloat16" if fast else "float32")
 
 
 def load_dataset():
@@ -299,59 +362,97 @@ def load_dataset():
 
 
 def build_model(ckpt, meta, dev):
-    """A new GPT, the resumed one, or one to fine-tune (a checkpoint's or GPT-2's, with low-rank adapters when
-    lora_rank > 0); its shape is recorded in the settings."""
+    """The GPT the settings describe: new, resumed, or a base to fine-tune (with low-rank adapters when
+    lora_rank > 0); attention fused or written out as fused_attention says."""
     if ckpt:
         if ckpt["tokenizer"] != meta["tokenizer"]:
-            raise UserError(f"the data in {data_dir} was tokenized differently from the checkpoint in "
-                             f"{out_dir}; pass the --data_dir the run was trained on")
-        model = model_from_checkpoint(ckpt, os.path.join(out_dir, "last.pt"))  # a LoRA run's: base + adapters
+            raise UserError(f"the data in {data_dir} was tokenized differently from the checkpoint in {out_dir}; "
+                            f"pass the --data_dir the run was trained on")
+        model = model_from_checkpoint(ckpt, os.path.join(out_dir, "last.pt"), dropout)  # a LoRA run's: base + adapters
     elif init_from == "scratch":
         model = GPT(GPTConfig(vocab_size=meta["vocab_size"], **{k: globals()[k] for k in MODEL_KEYS}))
-    else:  # fine-tuning: the shape comes with the weights
+    else:
         model, tokenizer = load_base(init_from, dropout)
-        changed = [k for k in SWITCHES if globals()[k] is not None and globals()[k] != getattr(model.config, k)]
-        if changed:
-            raise UserError(f"--{changed[0]}={globals()[changed[0]]} changes the architecture, and the "
-                             f"weights of {init_from} need their own; drop it to fine-tune them")
         if tokenizer is None and model.config.vocab_size != meta["vocab_size"]:
-            raise UserError(f"{init_from} has a vocabulary of {model.config.vocab_size} but the data in "
-                             f"{data_dir} has {meta['vocab_size']}; use --data_dir=data/gpt2 (prepared on first "
-                             f"use) or data that python prepare.py --tokenizer=gpt2 wrote")
+            raise UserError(f"{init_from} has a vocabulary of {model.config.vocab_size} but the data in {data_dir} "
+                            f"has {meta['vocab_size']}; use --data_dir=data/gpt2 (prepared on first use) or data that "
+                            f"python prepare.py --tokenizer=gpt2 wrote")
         if tokenizer is not None and tokenizer != meta["tokenizer"]:
-            raise UserError(f"the data in {data_dir} was tokenized differently from {init_from}; prepare "
-                             f"it with that model's tokenizer: python prepare.py --input=FILE "
-                             f"--tokenizer=<the data_dir it was trained on> --data_dir=NEW_DIR")
+            raise UserError(f"the data in {data_dir} was tokenized differently from {init_from}; prepare it with that "
+                            f"model's tokenizer: python prepare.py --input=FILE --tokenizer=<the data_dir it was "
+                            f"trained on> --data_dir=NEW_DIR")
         if block_size > model.config.block_size:
-            raise UserError(f"--block_size={block_size} is longer than {init_from}'s "
-                             f"{model.config.block_size} positions")
+            raise UserError(f"--block_size={block_size} is longer than {init_from}'s {model.config.block_size} "
+                            f"positions")
         model.crop_block_size(block_size)
         if lora_rank:  # freeze every weight, and train adapters on the linear layers
             add_adapters(model, lora_rank, lora_alpha, lora_layers, torch.Generator().manual_seed(seed))
-    globals().update({k: getattr(model.config, k) for k in MODEL_KEYS})  # what was built, for config.json
-    return model.to(dev)
+    return model.use_fused_attention(fused_attention).to(dev)
 
 
-def lora_record(ckpt):
-    """What a LoRA run's checkpoints hold besides the adapters: their settings, and the base they belong to (its
-    name or absolute path, and its sha256); None for a run without adapters."""
-    if not lora_rank:
-        return None
+@dataclass
+class Run:
+    """Where the run stands, besides its weights and optimizers: what a checkpoint saves to continue exactly."""
+
+    meta: dict  # the data's meta.json: its tokenizer goes into every checkpoint
+    scaler: torch.amp.GradScaler  # float16's loss scale (disabled in other precisions)
+    data_rng: torch.Generator  # draws every batch: the same in all processes
+    lora: dict | None  # a LoRA run's adapter settings and base (checkpoint.base_reference); None otherwise
+    iter_num: int = 0
+    best_val_loss: float = math.inf
+    started: float = field(default_factory=time.perf_counter)  # moved back by a resumed run's seconds
+
+    def seconds(self):
+        """Seconds of training so far, those of the run it resumes included."""
+        return time.perf_counter() - self.started
+
+
+def start_run(ckpt, optimizers, meta, dev):
+    """A new run at step 0, or the resumed one, with its optimizers and every random state put back."""
+    lora = None
+    if lora_rank:  # the adapters' checkpoints name their base, by name or absolute path, and its sha256
+        lora = ckpt["lora"] if ckpt else dict(rank=lora_rank, alpha=lora_alpha, layers=lora_layers,
+                                              **base_reference(init_from))
+    run = Run(meta, torch.amp.GradScaler(dev.split(":")[0], enabled=dtype == "float16"),
+              torch.Generator().manual_seed(seed), lora)
     if ckpt:
-        return ckpt["lora"]
-    return dict(rank=lora_rank, alpha=lora_alpha, layers=lora_layers, **base_reference(init_from))
+        restore(ckpt, optimizers, run)
+    return run
 
 
-def resolve_precision(model, dev):
-    """The dtype setting, with 'auto' resolved: bf16 autocast where it is fast, fp16 + loss scaling on GPUs
-    without bf16, fp32 otherwise. A CPU gains from bf16 only with bf16 matrix units and only for wide models, so
-    'auto' takes it there when the model is at least 256 wide and a bf16 matmul beats fp32 by half again."""
-    wide = dtype == "auto" and dev == "cpu" and model.config.n_embd >= 256
-    fast = wide and mfu.cpu_matmul_flops(torch.bfloat16) > 1.5 * mfu.cpu_matmul_flops(torch.float32)
-    if dev.startswith("cuda"):
-        torch.set_float32_matmul_precision("high")  # the fp32 matmuls autocast leaves may use TF32 tensor cores
-    globals()["dtype"] = configurator.pick_dtype(dtype, dev, default="bfloat16" if fast else "float32")
-    return dtype
+def save(names, model, optimizers, run):
+    """Write everything needed to rebuild the model and continue the run exactly to out_dir/name, for each name
+    (for a LoRA run, the adapters and the `lora` record instead of every weight). Every process takes part (each
+    one's random state is gathered); only one writes."""
+    weights = dict(model=adapter_state(model), lora=run.lora) if run.lora else dict(model=model.state_dict())
+    state = dict(**weights, optimizers={name: opt.state_dict() for name, (opt, _) in optimizers.items()},
+                 scaler=run.scaler.state_dict(), model_config=asdict(model.config), precision=dtype,
+                 tokenizer=run.meta["tokenizer"], config=current_settings(), iter_num=run.iter_num,
+                 best_val_loss=run.best_val_loss, seconds=run.seconds(), rng=rng_state(run.data_rng))
+    for name in names if MASTER else ():
+        write_atomically(os.path.join(out_dir, name), lambda f: torch.save(state, f))
+
+
+def restore(ckpt, optimizers, run):
+    """Put the optimizers' states, the grad scaler, the step, the best val loss and every random state back where
+    the checkpoint left them. Each optimizer keeps the hyperparameters given now (a new --weight_decay, say)."""
+    try:
+        for name, state in optimizer_states(ckpt, optimizers).items():
+            optimizer = optimizers[name][0]
+            given = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+            optimizer.load_state_dict(state)  # the moments, and the hyperparameters saved with them
+            for group, settings in zip(optimizer.param_groups, given):
+                group.update(settings)
+        if ckpt["scaler"]:  # empty unless the run used float16
+            run.scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"], run.data_rng, RANK)
+        run.iter_num, run.best_val_loss = int(ckpt["iter_num"]), float(ckpt["best_val_loss"])
+        run.started -= float(ckpt.get("seconds", 0.0))
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"{out_dir}/last.pt holds a damaged optimizer, iteration or random state "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}); resume from an "
+                        f"earlier copy, or start a new run with --init_from=scratch --out_dir=NEW_DIR")
+    ckpt.clear()  # free the loaded tensors before training
 
 
 def write_settings(dev):
@@ -366,58 +467,6 @@ def write_settings(dev):
 
 def current_settings():
     return {k: globals()[k] for k in configurator.setting_names(globals())}
-
-
-def make_optimizers(model, device_type):
-    """[AdamW], with weight decay on matrices and embeddings (dim >= 2), none on biases and LayerNorm gains; with
-    --muon=True, [AdamW, Muon], Muon taking the weight matrices inside the blocks."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    matrices = [p for name, p in model.named_parameters() if muon and p.requires_grad and p.dim() == 2 and ".h." in name]
-    params = [p for p in params if not any(p is m for m in matrices)]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    fused = device_type in ("cuda", "cpu")  # one kernel for the whole update
-    adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2), fused=fused)
-    return [adamw, Muon(matrices, lr=muon_learning_rate, momentum=muon_momentum)] if muon else [adamw]
-
-
-def save(names, model, lora, optimizers, scaler, data_rng, meta, iter_num, best_val_loss, seconds):
-    """Write everything needed to rebuild the model and continue the run exactly to out_dir/name, for each name
-    (for a LoRA run, the adapters and the `lora` record instead of every weight). Every process takes part (each
-    one's random state is gathered); only one writes."""
-    adamw, *rest = optimizers
-    weights = dict(model=adapter_state(model), lora=lora) if lora else dict(model=model.state_dict())
-    state = dict(**weights, optimizer=adamw.state_dict(), scaler=scaler.state_dict(),
-                 **({"muon": rest[0].state_dict()} if rest else {}),
-                 model_config=asdict(model.config), precision=dtype, tokenizer=meta["tokenizer"],
-                 config=current_settings(), iter_num=iter_num, best_val_loss=best_val_loss, seconds=seconds,
-                 rng=rng_state(data_rng))
-    for name in names if MASTER else ():
-        write_atomically(os.path.join(out_dir, name), lambda f: torch.save(state, f))
-
-
-def restore(ckpt, optimizers, scaler, data_rng):
-    """Put the optimizers, the grad scaler and every random state back where the checkpoint left them; return
-    (iter_num, best_val_loss, seconds of training so far)."""
-    adamw, *rest = optimizers
-    try:
-        adamw.load_state_dict(ckpt["optimizer"])  # its moments, and the hyperparameters it was saved with:
-        for group, decay in zip(adamw.param_groups, (weight_decay, 0.0)):  # those given now win
-            group.update(weight_decay=decay, betas=(beta1, beta2))
-        if rest:
-            rest[0].load_state_dict(ckpt["muon"])
-            rest[0].param_groups[0].update(momentum=muon_momentum)
-        if ckpt["scaler"]:  # empty unless the run used float16
-            scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"], data_rng, RANK)
-        iter_num, best_val_loss = int(ckpt["iter_num"]), float(ckpt["best_val_loss"])
-        seconds = float(ckpt.get("seconds", 0.0))
-    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
-        raise UserError(f"{out_dir}/last.pt holds a damaged optimizer, iteration or random state "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}); resume from an "
-                         f"earlier copy, or start a new run with --init_from=scratch --out_dir=NEW_DIR")
-    ckpt.clear()  # free the loaded tensors before training
-    return iter_num, best_val_loss, seconds
 
 
 def start_log(iter_num):
@@ -447,49 +496,19 @@ def append_log(**row):
             f.write(json.dumps(row) + "\n")
 
 
-# -----------------------------------------------------------------------------
-# the loop: batches, the learning rate, one step, evaluation
+def report(losses, improved, run):
+    """An evaluation's line and log row; a loss that is not finite stops the run before it is saved."""
+    if not all(map(math.isfinite, losses.values())):
+        raise UserError(f"the {'val' if math.isfinite(losses['train']) else 'train'} loss is not finite at step "
+                        f"{run.iter_num}; stopped without saving these weights")
+    log(f"step {run.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+        f"{' (best)' if improved else ''}, {run.seconds():.1f} s", flush=True)
+    append_log(step=run.iter_num, seconds=run.seconds(), train_loss=losses["train"], val_loss=losses["val"])
 
 
-def batch(data, offsets, device):
-    """Inputs and next-token targets, both (B, T), from windows of block_size + 1 tokens starting at `offsets`."""
-    window = torch.from_numpy(data[offsets[:, None] + np.arange(block_size + 1)].astype(np.int64))  # (B, T + 1)
-    x, y = window[:, :-1], window[:, 1:]
-    if device.startswith("cuda"):  # pinned memory lets the copy overlap with compute
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
-
-
-def get_lr(it):
-    """Linear warmup to learning_rate, then cosine decay to min_lr over lr_decay_iters, then min_lr."""
-    if it < warmup_iters:
-        return learning_rate * (it + 1) / (warmup_iters + 1)
-    progress = min(1.0, (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters))
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
-
-
-def step(model, optimizers, scaler, autocast, train_data, data_rng, it, dev, stop):
-    """Optimizer step `it` over gradient_accumulation_steps micro-batches; returns the mean loss (a tensor).
-    The step's windows are drawn for all processes at once, and process r takes every WORLD_SIZE-th micro-batch."""
-    adamw, *rest = optimizers
-    for group in adamw.param_groups:
-        group["lr"] = get_lr(it)
-    for group in rest[0].param_groups if rest else ():  # Muon: the same schedule, scaled to its own peak
-        group["lr"] = get_lr(it) / learning_rate * muon_learning_rate if learning_rate else 0.0
-    starts = torch.randint(len(train_data) - block_size, (gradient_accumulation_steps, batch_size),
-                           generator=data_rng).numpy()
-    accum = gradient_accumulation_steps // WORLD_SIZE  # micro-steps in this process
-    loss_sum = torch.zeros((), device=dev)
-    for micro in range(accum):
-        x, y = batch(train_data, starts[micro * WORLD_SIZE + RANK], dev)
-        sync = not DDP or micro == accum - 1  # DDP averages the gradients over processes on the last one only
-        with nullcontext() if sync else model.no_sync(), autocast:
-            _, loss = model(x, y)
-            loss = loss / accum  # the mean over micro-steps
-        scaler.scale(loss).backward()
-        loss_sum += loss.detach()
-
-    # stop together: on a signal in any process, or on a non-finite loss (before it reaches the weights)
+def stop_together(stop, loss_sum, it, dev):
+    """Every process learns whether any of them got a signal or a non-finite loss, so that all stop at the same
+    step: to save, or (for the loss, before it reaches the weights) with an error."""
     flags = torch.tensor([len(stop.signals), 0 if torch.isfinite(loss_sum) else 1], device=dev)
     if DDP:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
@@ -497,37 +516,7 @@ def step(model, optimizers, scaler, autocast, train_data, data_rng, it, dev, sto
         stop.signals.append("another process")
     if flags[1]:
         raise UserError(f"the loss became {loss_sum.item()} at step {it}; stopped without saving, so "
-                         f"{out_dir}/last.pt keeps the last good weights; try a lower --learning_rate or check the data")
-    if grad_clip > 0:
-        for optimizer in optimizers:
-            scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    for optimizer in optimizers:
-        scaler.step(optimizer)
-        optimizer.zero_grad(set_to_none=True)
-    scaler.update()
-    return loss_sum
-
-
-@torch.no_grad()
-def evaluate(model, data, autocast, dev):
-    """The mean loss of each split over the same evenly spaced windows every time, shared out between processes."""
-    model.eval()
-    losses = {}
-    for split in ("train", "val"):
-        n = min(eval_iters * batch_size, len(data[split]) - block_size)
-        starts = np.linspace(0, len(data[split]) - block_size - 1, n).astype(np.int64)[RANK::WORLD_SIZE]
-        total = torch.zeros(2, device=dev)  # (sum of losses, number of windows)
-        for i in range(0, len(starts), batch_size):
-            x, y = batch(data[split], starts[i : i + batch_size], dev)
-            with autocast:
-                _, loss = model(x, y)
-            total += torch.stack([loss.float() * len(x), torch.tensor(len(x), device=dev)])
-        if DDP:
-            dist.all_reduce(total)
-        losses[split] = (total[0] / total[1]).item()
-    model.train()
-    return losses
+                        f"{out_dir}/last.pt keeps the last good weights; try a lower --learning_rate or check the data")
 
 
 class StopRequests:
@@ -556,10 +545,9 @@ class StopRequests:
 
 class Progress:
     """Times the steps between progress lines (evaluations left out), and prints loss, lr, speed and MFU: the
-    model's FLOPs per second over the device's peak (see mfu.py). elapsed() counts on from a resumed run's
-    seconds."""
+    model's FLOPs per second over the device's peak (see mfu.py)."""
 
-    def __init__(self, model, dev, iter_num, seconds=0.0):
+    def __init__(self, model, dev, run):
         self.tokens_per_iter = batch_size * gradient_accumulation_steps * block_size
         self.flops_per_iter = mfu.flops_per_token(model) * self.tokens_per_iter
         self.peak = mfu.peak_flops(dev.split(":")[0], getattr(torch, dtype))
@@ -567,11 +555,8 @@ class Progress:
         frozen = f" ({trainable:,} of them trainable)" if trainable < model.num_params() else ""
         log(f"{model.num_params() / 1e6:.2f}M parameters{frozen} on {dev} ({dtype}, {WORLD_SIZE} process"
             f"{'es' * (WORLD_SIZE > 1)}), {self.tokens_per_iter:,} tokens per step")
-        self.t_start = time.perf_counter() - seconds
-        self.restart(iter_num)
-
-    def elapsed(self):
-        return time.perf_counter() - self.t_start
+        self.run = run
+        self.restart(run.iter_num)
 
     def restart(self, iter_num):
         self.t0, self.iter0 = time.perf_counter(), iter_num
@@ -584,15 +569,25 @@ class Progress:
         utilisation = f"{self.flops_per_iter / dt / self.peak / WORLD_SIZE:.1%}" if self.peak else "n/a"
         log(f"iter {iter_num}: loss {loss.item():.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
             f"{self.tokens_per_iter / dt:,.0f} tok/s, mfu {utilisation}", flush=True)
-        append_log(step=iter_num, seconds=self.elapsed(), loss=loss.item(), lr=lr,
+        append_log(step=iter_num, seconds=self.run.seconds(), loss=loss.item(), lr=lr,
                    tokens_per_s=self.tokens_per_iter / dt)
         self.restart(iter_num)
+
+
+def finish(model, run, dev):
+    """The last line (steps, time, best val loss, peak memory) and a sample of what the model learned."""
+    log(f"done: {run.iter_num} steps in {run.seconds():.1f} s, best val loss {run.best_val_loss:.4f}, "
+        f"{mfu.peak_memory(dev.split(':')[0])}", flush=True)
+    if MASTER and sample_length > 0:
+        print_sample(model, run.meta, sample_length, fast=True)
+    if DDP:
+        dist.barrier()  # finish together: a process that tears down while another still works can crash it
 
 
 def print_sample(model, meta, length, fast=False):
     """`length` tokens of text from the model, starting from a newline (or the first character). The sample draws
     from a generator of its own, so training goes on exactly as without it, and the model is back in train mode
-    after. fast: the CPU's faster one-row products (generate.py), for the sample at the end."""
+    after. fast: the CPU's faster one-row products (fast_linear.py), for the sample at the end."""
     from fast_linear import use_slab_products
     from generate import sample_text
 

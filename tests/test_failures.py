@@ -194,9 +194,9 @@ def damage_checkpoint(folder, damage):
 
 
 def test_resuming_from_a_checkpoint_without_its_optimizer_is_named(trained):
-    before = damage_checkpoint(trained, lambda ckpt: ckpt.pop("optimizer"))
+    before = damage_checkpoint(trained, lambda ckpt: ckpt.pop("optimizers"))
     line = assert_failed_cleanly(run_script("train.py", "--init_from=resume", cwd=trained), trained, before)
-    assert "out/last.pt lacks optimizer, so the run cannot continue exactly; sample from it with generate.py" in line
+    assert "out/last.pt lacks optimizers, so the run cannot continue exactly; sample from it with generate.py" in line
 
 
 @pytest.mark.parametrize("key", ["rng", "iter_num", "best_val_loss", "scaler", "config"])
@@ -207,7 +207,7 @@ def test_resuming_from_a_checkpoint_without_its_run_state_is_named(trained, main
 
 
 @pytest.mark.parametrize("damage", [lambda c: c.update(rng={"python": [1, 2]}), lambda c: c.update(iter_num="four"),
-                                    lambda c: c["optimizer"].update(state={0: {"step": "x"}})])
+                                    lambda c: c["optimizers"]["adamw"].update(state={0: {"step": "x"}})])
 def test_resuming_from_a_damaged_run_state_is_named(trained, main_of, damage):
     before = damage_checkpoint(trained, damage)
     message = main_of("train", "--init_from=resume", cwd=trained)

@@ -167,8 +167,8 @@ def test_a_resumed_lora_run_is_bit_identical_to_an_unbroken_one(train, base):
     assert a["model"].keys() == b["model"].keys()
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
-    assert len(a["optimizer"]["state"]) == len(a["model"])  # AdamW holds moments for the adapters only
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+    assert len(a["optimizers"]["adamw"]["state"]) == len(a["model"])  # AdamW holds moments for the adapters only
+    for sa, sb in zip(a["optimizers"]["adamw"]["state"].values(), b["optimizers"]["adamw"]["state"].values()):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 

@@ -57,8 +57,27 @@ def test_a_resumed_run_is_bit_identical_to_an_unbroken_one(script, corpus):
     a, b = load(corpus / "straight" / "last.pt"), load(corpus / "broken" / "last.pt")
     assert a["iter_num"] == b["iter_num"] == 24
     assert_same_state(a["model"], b["model"])
-    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+    for pa, pb in zip(a["optimizers"]["adamw"]["state"].values(), b["optimizers"]["adamw"]["state"].values()):
         assert_same_state(pa, pb)
+
+
+def test_a_checkpoint_from_before_optimizers_had_names_resumes_bit_identically(script, corpus):
+    args = [*TINY, "--dropout=0.1", "--gradient_accumulation_steps=2", "--eval_interval=5", "--lr_decay_iters=12"]
+    script("train", *args, "--max_iters=12", "--out_dir=straight")
+    script("train", *args, "--max_iters=6", "--out_dir=broken")
+    ckpt = load(corpus / "broken" / "last.pt")
+    optimizers = ckpt.pop("optimizers")  # the layout of older checkpoints: AdamW's state as "optimizer", Muon's as
+    ckpt.update(optimizer=optimizers["adamw"], muon=optimizers["muon"])  # "muon", and none of the newer settings
+    for setting in ("fused_attention", "muon_weight_decay"):
+        del ckpt["config"][setting]
+    torch.save(ckpt, corpus / "broken" / "last.pt")
+    script("train", "--init_from=resume", "--max_iters=12", "--out_dir=broken")
+    a, b = load(corpus / "straight" / "last.pt"), load(corpus / "broken" / "last.pt")
+    assert a["iter_num"] == b["iter_num"] == 12
+    assert_same_state(a["model"], b["model"])
+    for name in ("adamw", "muon"):
+        for pa, pb in zip(a["optimizers"][name]["state"].values(), b["optimizers"][name]["state"].values()):
+            assert_same_state(pa, pb)
 
 
 def test_a_resume_applies_new_optimizer_settings_and_keeps_the_lr_schedule(script, corpus, capsys):
@@ -69,7 +88,7 @@ def test_a_resume_applies_new_optimizer_settings_and_keeps_the_lr_schedule(scrip
     script("train", "--init_from=resume", "--max_iters=26", "--log_interval=2", "--weight_decay=0.5", "--beta2=0.9")
     lrs = [line.split("lr ")[1].split(",")[0] for line in capsys.readouterr().out.splitlines() if "lr " in line]
     assert lrs == ["1.00e-04"] * 3  # past the decay it stays at min_lr: more steps do not stretch the cosine again
-    groups = load(corpus / "out" / "last.pt")["optimizer"]["param_groups"]
+    groups = load(corpus / "out" / "last.pt")["optimizers"]["adamw"]["param_groups"]
     assert [g["weight_decay"] for g in groups] == [0.5, 0.0] and all(g["betas"] == (0.9, 0.9) for g in groups)
 
 
@@ -371,8 +390,9 @@ def test_each_switch_past_gpt2_trains_and_resumes_bit_identically(script, corpus
     script("train", "--init_from=resume", "--max_iters=12", "--out_dir=broken")
     a, b = load(corpus / "straight" / "last.pt"), load(corpus / "broken" / "last.pt")
     assert_same_state(a["model"], b["model"])
-    for name in ("optimizer", "muon") if "--muon=True" in args else ("optimizer",):
-        for pa, pb in zip(a[name]["state"].values(), b[name]["state"].values()):
+    assert a["optimizers"].keys() == ({"adamw", "muon"} if "--muon=True" in args else {"adamw"})
+    for name in a["optimizers"]:
+        for pa, pb in zip(a["optimizers"][name]["state"].values(), b["optimizers"][name]["state"].values()):
             assert_same_state(pa, pb)
     on = {k.split("=")[0][2:]: k.endswith("True") for k in (every if switch == "all" else [switch])}
     assert all(a["model_config"].get(k, a["config"].get(k)) == v for k, v in on.items())

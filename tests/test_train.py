@@ -20,7 +20,7 @@ def test_end_to_end_prepare_train_checkpoint_generate(corpus):
 
     # the checkpoint is self-contained and loads without unpickling any Python object
     ckpt = torch.load(corpus / "out" / "best.pt", weights_only=True)
-    assert set(ckpt) >= {"model", "optimizer", "model_config", "tokenizer", "config", "iter_num", "best_val_loss"}
+    assert set(ckpt) >= {"model", "optimizers", "model_config", "tokenizer", "config", "iter_num", "best_val_loss"}
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
     last = torch.load(corpus / "out" / "last.pt", weights_only=True)
     assert last["iter_num"] == 30 and last["best_val_loss"] == ckpt["best_val_loss"] <= math.log(ckpt["model_config"]["vocab_size"])
@@ -103,3 +103,33 @@ def test_auto_precision_on_cpu_takes_bf16_only_for_wide_models_where_it_is_faste
     probe[torch.bfloat16] = 1e11 * (1.2 if bf16_speedup > 1.5 else 3.0)
     train.main(["--init_from=resume", "--out_dir=out256", "--max_iters=2"])
     assert torch.load(corpus / "out256" / "last.pt", weights_only=True)["precision"] == wide
+
+
+def test_fused_attention_false_trains_an_edited_attend_in_every_block_and_true_ignores_it(corpus, monkeypatch):
+    import gpt
+    import train
+
+    monkeypatch.chdir(corpus)
+    args = ["--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_size=4",
+            "--max_iters=3", "--eval_iters=1", "--eval_interval=100", "--sample_length=0"]
+
+    def weights(*extra):
+        train.main([*args, *extra])
+        return torch.load(corpus / "out" / "last.pt", weights_only=True)["model"]
+
+    plain = weights()
+    real, called = gpt.CausalSelfAttention.attend, []
+
+    def edited(self, q, k, v):  # a learner's edit of the lesson: every score at half its size
+        called.append(self)
+        return real(self, q / 2, k, v)
+
+    monkeypatch.setattr(gpt.CausalSelfAttention, "attend", edited)
+    assert all(torch.equal(a, b) for a, b in zip(weights().values(), plain.values())) and not called  # fused
+    changed = weights("--fused_attention=False")
+    assert len({id(m) for m in called}) == 2  # the edit ran in both blocks
+    assert any(not torch.equal(changed[k], plain[k]) for k in plain)  # and changed what was trained
+    monkeypatch.setattr(gpt.CausalSelfAttention, "attend", real)
+    unedited = weights("--fused_attention=False")  # the lesson as written computes what the kernel does
+    for k in plain:
+        torch.testing.assert_close(unedited[k], plain[k], rtol=1e-4, atol=1e-5)

@@ -14,6 +14,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import gpt
 from conftest import small_text
+from muon import Muon
 
 # a tiny run of GPT-2's recipe (its architecture, and AdamW alone) that goes through every part of the step:
 # dropout, two micro-steps per step, both weight-decay groups, warmup (steps 0-2), the cosine (3-6), the floor
@@ -31,15 +32,19 @@ def train_in_process(folder, **settings):
     import train
 
     args = ["--device=cpu", "--sample_length=0", "--log_interval=1", "--eval_interval=1000", "--eval_iters=1"]
-    seen = dict(calls=[], steps=[])
+    seen = dict(calls=[], steps=[], other_steps=[])
 
     def forward(model, idx, targets=None, cache=None):
         seen["calls"].append((model.training, idx.clone(), None if targets is None else targets.clone()))
         return real_forward(model, idx, targets, cache)
 
     def before_step(optimizer, args, kwargs):
-        seen["steps"].append([dict(lr=g["lr"], weight_decay=g["weight_decay"], betas=g["betas"], eps=g["eps"],
-                                   grads=[p.grad.clone() for p in g["params"]]) for g in optimizer.param_groups])
+        groups = [dict(g, grads=[p.grad.clone() for p in g["params"]], shapes=[tuple(p.shape) for p in g["params"]])
+                  for g in optimizer.param_groups]
+        if isinstance(optimizer, torch.optim.AdamW):
+            seen["steps"].append(groups)
+        else:  # Muon, under the default recipe: recorded apart, step by step
+            seen["other_steps"].append((type(optimizer).__name__, groups))
 
     real_forward = gpt.GPT.forward
     out = io.StringIO()
@@ -56,6 +61,7 @@ def train_in_process(folder, **settings):
     seen["final"] = torch.load(folder / "out" / "last.pt", weights_only=True)
     seen["data"] = np.memmap(folder / "data" / "char" / "train.bin", dtype=np.uint16, mode="r")
     seen["vocab_size"] = json.loads((folder / "data" / "char" / "meta.json").read_text(encoding="utf-8"))["vocab_size"]
+    seen["settings"] = json.loads((folder / "out" / "config.json").read_text(encoding="utf-8"))
     return seen
 
 
@@ -90,16 +96,24 @@ def reference_run(data, vocab_size, s):
     seed; a window of block_size + 1 tokens gives the inputs (its first block_size) and the targets (its last
     block_size: each input's next token). The gradient is the mean over all the step's windows, clipped to a
     global norm of grad_clip, and AdamW takes the scheduled lr, with weight decay on matrices and embeddings only.
-    The clipping is the float32 arithmetic of torch's clip_grad_norm_ and the update is torch's fused AdamW, so
-    that the comparison can be bit for bit: train.py's configuration of them is what is under test."""
+    With s["muon"], Muon takes the 2-D weights inside the blocks instead, at the same schedule scaled to its own
+    peak, and AdamW the rest. The clipping is the float32 arithmetic of torch's clip_grad_norm_ and the updates are
+    torch's fused AdamW and muon.Muon, so that the comparison can be bit for bit: train.py's configuration of them
+    is what is under test."""
     T, B, A = s["block_size"], s["batch_size"], s["gradient_accumulation_steps"]
     torch.manual_seed(s["seed"])  # the initial weights, and then the dropout masks
     model = gpt.GPT(gpt.GPTConfig(vocab_size=vocab_size, block_size=T, n_layer=s["n_layer"], n_head=s["n_head"],
-                                  n_embd=s["n_embd"], dropout=s["dropout"], bias=s["bias"]))
+                                  n_embd=s["n_embd"], dropout=s["dropout"], bias=s["bias"], rope=s["rope"],
+                                  zero_init=s["zero_init"]))
     params = list(model.parameters())  # the tied lm_head is wte: once
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": s["weight_decay"]},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # biases, LayerNorm gains
-    optimizer = torch.optim.AdamW(groups, lr=0.0, betas=(s["beta1"], s["beta2"]), eps=1e-8, fused=True)
+    blocks = [p for p in model.transformer.h.parameters() if p.dim() == 2] if s["muon"] else []
+    rest = [p for p in params if not any(p is b for b in blocks)]
+    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": s["weight_decay"]},
+              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]  # biases, LayerNorm gains
+    adamw = torch.optim.AdamW(groups, lr=0.0, betas=(s["beta1"], s["beta2"]), eps=1e-8, fused=True)
+    peaks = [(adamw, s["learning_rate"])]
+    if s["muon"]:
+        peaks.append((Muon(blocks, lr=0.0, momentum=s["muon_momentum"]), s["muon_learning_rate"]))
     windows = torch.Generator().manual_seed(s["seed"])
     losses = []
     for it in range(s["max_iters"]):
@@ -116,10 +130,12 @@ def reference_run(data, vocab_size, s):
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
             for p in params:
                 p.grad.mul_(torch.clamp(s["grad_clip"] / (norm + 1e-6), max=1.0))
-        for group in optimizer.param_groups:
-            group["lr"] = scheduled_lr(it, s)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        for optimizer, peak in peaks:  # AdamW on the schedule; Muon at the same point of its own
+            lr = scheduled_lr(it, s)
+            for group in optimizer.param_groups:
+                group["lr"] = lr if optimizer is adamw else lr / s["learning_rate"] * peak
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
     return losses, model
 
 
@@ -211,3 +227,63 @@ def test_clipping_scales_the_gradient_down_to_grad_clip_and_zero_turns_it_off(tm
     assert clipped.norm().item() == pytest.approx(0.25, rel=1e-5)
     torch.testing.assert_close(clipped, raw * 0.25 / raw.norm(), rtol=1e-4, atol=1e-8)  # same direction
     assert torch.equal(loose, raw)  # a norm below grad_clip is left alone
+
+
+# -----------------------------------------------------------------------------
+# train.py's own recipe: RoPE, zero-initialised projections, and Muon for the blocks' matrices beside AdamW
+
+DEFAULT_RUN = {k: v for k, v in RUN.items() if k not in GPT2_RECIPE}  # the same tiny run; the rest as train.py has it
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("default")
+    (folder / "input.txt").write_text(small_text(), encoding="utf-8")
+    return train_in_process(folder, **DEFAULT_RUN)
+
+
+def test_the_default_recipe_takes_exactly_the_steps_of_the_reference(default_run):
+    settings = default_run["settings"]  # config.json: every setting as the run resolved it
+    assert settings["rope"] and settings["zero_init"] and settings["muon"] and settings["tie_embeddings"]
+    assert not any(settings[k] for k in ("rmsnorm", "qk_norm", "relu2")) and settings["muon_weight_decay"] == 0
+    losses, model = reference_run(default_run["data"], default_run["vocab_size"], settings)
+    assert default_run["losses"] == pytest.approx(losses, abs=0.5e-4 + 1e-6)
+    final = default_run["final"]["model"]
+    assert final.keys() == model.state_dict().keys()
+    for name, p in model.state_dict().items():
+        assert torch.equal(final[name], p), f"{name} differs by up to {(final[name] - p).abs().max().item():.2e}"
+
+
+def test_the_default_recipe_runs_adamw_and_muon_each_at_its_scheduled_learning_rate(default_run):
+    s = default_run["settings"]
+    adamw, muon = default_run["steps"], default_run["other_steps"]
+    assert len(adamw) == len(muon) == RUN["max_iters"] and {name for name, _ in muon} == {"Muon"}
+    for it, (adamw_groups, (_, muon_groups)) in enumerate(zip(adamw, muon)):
+        lr = scheduled_lr(it, s)
+        assert [g["lr"] for g in adamw_groups] == [pytest.approx(lr, rel=1e-12)] * 2, f"step {it}"
+        muon_lr = lr / s["learning_rate"] * s["muon_learning_rate"]  # the same point of the curve, its own peak
+        assert [g["lr"] for g in muon_groups] == [pytest.approx(muon_lr, rel=1e-12)], f"step {it}"
+    w = s["warmup_iters"]
+    assert muon[w][1][0]["lr"] == pytest.approx(s["muon_learning_rate"])  # the peak, where AdamW's is
+    assert muon[-1][1][0]["lr"] == pytest.approx(s["min_lr"] / s["learning_rate"] * s["muon_learning_rate"])
+
+
+def test_the_default_recipe_decays_only_the_token_embedding_and_gives_muon_every_matrix_of_the_blocks(default_run):
+    s, V = default_run["settings"], default_run["vocab_size"]
+    C, L = s["n_embd"], s["n_layer"]
+    adamw, (_, muon) = default_run["steps"][0], default_run["other_steps"][0]
+    assert adamw[0]["shapes"] == [(V, C)] and adamw[0]["weight_decay"] == s["weight_decay"] == 0.1  # wte = lm_head
+    assert all(len(shape) == 1 for shape in adamw[1]["shapes"]) and adamw[1]["weight_decay"] == 0.0  # gains, biases
+    assert sorted(muon[0]["shapes"]) == sorted([(3 * C, C), (C, C), (4 * C, C), (C, 4 * C)] * L)
+    assert muon[0]["weight_decay"] == 0.0 and muon[0]["momentum"] == s["muon_momentum"] == 0.95
+    n_params = len(adamw[0]["shapes"]) + len(adamw[1]["shapes"]) + len(muon[0]["shapes"])
+    assert n_params == len(default_run["final"]["model"]) - 1  # every parameter once; lm_head.weight is wte.weight
+
+
+def test_muon_weight_decay_reaches_muon_and_weight_decay_stays_adamw_s(tmp_path):
+    folder = tmp_path / "decay"
+    folder.mkdir()
+    (folder / "input.txt").write_text(small_text(), encoding="utf-8")
+    seen = train_in_process(folder, **{**DEFAULT_RUN, "max_iters": 1, "weight_decay": 0.3, "muon_weight_decay": 0.2})
+    adamw, (_, muon) = seen["steps"][0], seen["other_steps"][0]
+    assert [g["weight_decay"] for g in adamw] == [0.3, 0.0] and muon[0]["weight_decay"] == 0.2
