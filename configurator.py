@@ -15,7 +15,7 @@ setting takes the text as written; a bool setting alone, `--compile`, means True
 
 A user's mistake anywhere in this project (a bad setting, a missing or damaged file, a full disk) raises
 UserError, whose message is one line saying what is wrong and what to do. Functions only raise it, so they work
-from a Python session, a notebook, a test or a server thread; a script's main(), decorated with @script, turns it
+from the Python prompt, a notebook, a test or a server thread; a script's main(), decorated with @script, turns it
 into that line on stderr, `error: ...`, and exit code 1, never a traceback.
 """
 
