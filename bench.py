@@ -6,6 +6,7 @@ bench.py: measure training and sampling speed the way a user meets it, and the s
     python bench.py --variants=";--rope=True;--muon=True" --seeds=1,2,3 --target_loss=1.88 -- --max_iters=2000
     python bench.py --what=sample --n_layer=6 --n_head=6 --n_embd=384 --block_size=256 --max_new_tokens=500
     python bench.py --what=sample --quantize=int8 --repeat=5    # cached sampling, fp32 weights against int8
+    python bench.py --what=batch --batches=1,8,32 --n_layer=6 --n_head=4 --n_embd=64 --block_size=64   # prompts together
     python bench.py --what=tokenize --gpt2_vocab=gpt2.tiktoken    # BPE training and encoding speed
     python bench.py --what=chat --max_new_tokens=200         # chat.py's web API under 1, 4 and 16 clients at once
 
@@ -20,6 +21,10 @@ Sampling (--what=sample) times generate.generate() on a randomly initialised mod
 key/value cache and without it (recomputing the whole context every step), and prints both speeds and their ratio;
 with --quantize=int8, cached sampling with the weights in --dtype and in int8 (fast_linear.Int8Linear) instead, and
 the memory their weights take.
+
+Batches (--what=batch) generates --max_new_tokens tokens for each of 1, 8, 32 (--batches) different random prompts
+of random lengths on a model of the given shape, all together in one batch (generate.Batch) and one prompt at a
+time, taking turns, and prints the tokens/s of each and their ratio.
 
 Tokenizing (--what=tokenize) times BPE training on input.txt, GPT-2's encoding of it, and the worst case for BPE:
 one long chunk with no spaces (20,000 random letters), each the best of --repeat runs (tiktoken too, if installed).
@@ -44,7 +49,7 @@ import configurator
 from configurator import UserError
 
 # -----------------------------------------------------------------------------
-what = "train"  # 'train', 'sample', 'tokenize' or 'chat'
+what = "train"  # 'train', 'sample', 'batch', 'tokenize' or 'chat'
 repeat = 1  # runs to take the median of
 target_loss = 0.0  # report when the val loss first reaches this (0: don't)
 # --what=train, side by side: variants of the command, each run once per seed, in turn
@@ -61,6 +66,7 @@ max_new_tokens = 500  # enough tokens to outgrow the block and re-prefill at lea
 num_samples = 1  # sequences generated together in one batch
 dtype = "float32"  # the weights' precision for --what=sample: auto, float32, bfloat16 or float16
 quantize = ""  # --what=sample: 'int8' compares cached sampling with dtype's weights against int8 ones
+batches = "1,8,32"  # --what=batch: how many different prompts to generate together, a round for each
 device = "auto"
 # --what=tokenize: BPE trained on input.txt, and GPT-2's tokenizer (from this file or folder; empty: downloaded)
 gpt2_vocab = ""
@@ -191,6 +197,41 @@ def bench_sample():
               f"{first / second:.2f}x")
 
 
+def bench_batch():
+    """Different prompts together in one batch against the same prompts one at a time, for each size in batches."""
+    import random
+
+    import torch
+
+    from fast_linear import use_slab_products
+    from generate import generate
+    from gpt import GPT, GPTConfig
+
+    dev = configurator.pick_device(device)
+    precision = configurator.pick_dtype(dtype, dev)
+    torch.manual_seed(0)
+    config = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, vocab_size=vocab_size)
+    model = GPT(config).to(dev, getattr(torch, precision)).eval()
+    use_slab_products(model)  # as generate.py samples
+    print(f"{model.num_params() / 1e6:.2f}M parameters, block_size {block_size}, {max_new_tokens} new tokens per "
+          f"prompt, {precision}, on {dev} with {torch.get_num_threads()} threads")
+    print(f"{'prompts':>8s}{'together tok/s':>16s}{'one at a time':>15s}{'ratio':>8s}")
+    rng = random.Random(0)
+    for n in (int(b) for b in batches.split(",")):
+        prompts = [[rng.randrange(vocab_size) for _ in range(rng.randint(1, block_size // 2))] for _ in range(n)]
+        ways = {"together": [prompts], "one at a time": [[p] for p in prompts]}
+        speeds = {way: [] for way in ways}
+        for _ in range(repeat):  # taking turns, so that a noisy neighbour slows both alike
+            for way, runs in ways.items():
+                t0 = time.perf_counter()
+                for batch in runs:
+                    for _ in generate(model, batch, max_new_tokens):
+                        pass
+                speeds[way].append(n * max_new_tokens / (time.perf_counter() - t0))
+        together, alone = (statistics.median(s) for s in speeds.values())
+        print(f"{n:8d}{together:16,.0f}{alone:15,.0f}{together / alone:7.1f}x", flush=True)
+
+
 def weight_bytes(model):
     """Bytes of the model's parameters and buffers, each tensor once (a tied lm_head is the embedding)."""
     tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
@@ -305,13 +346,15 @@ def check_settings():
     configurator.check_at_least(globals(), dict(repeat=1, target_loss=0.0, within_seconds=0.0))
     if seeds and not all(x.strip().isdigit() for x in seeds.split(",")):
         raise UserError(f"--seeds={seeds} must be seeds separated by commas, like 1,2,3")
-    if what == "sample":
+    if what in ("sample", "batch"):
         if quantize not in ("", "int8"):
             raise UserError(f"--quantize={quantize} is unknown; use int8, or leave it empty")
-        configurator.check_at_least(globals(), dict(n_layer=1, n_head=1, n_embd=1, block_size=1, vocab_size=1,
+        configurator.check_at_least(globals(), dict(n_layer=1, n_head=1, n_embd=1, block_size=2, vocab_size=1,
                                                     max_new_tokens=1, num_samples=1))
         if n_embd % n_head:
             raise UserError(f"--n_embd={n_embd} must be a multiple of --n_head={n_head}")
+        if what == "batch" and not all(b.strip().isdigit() and int(b) > 0 for b in batches.split(",")):
+            raise UserError(f"--batches={batches} must be numbers of prompts above 0, like 1,8,32")
     if what == "chat":
         configurator.check_at_least(globals(), dict(max_new_tokens=1, requests_per_client=1))
         if not all(n.strip().isdigit() and int(n) > 0 for n in clients.split(",")):
@@ -329,12 +372,14 @@ def main(args):
         bench_train(train_args)
     elif what == "sample":
         bench_sample()
+    elif what == "batch":
+        bench_batch()
     elif what == "tokenize":
         bench_tokenize()
     elif what == "chat":
         bench_chat()
     else:
-        raise UserError(f"--what={what} is unknown; use train, sample, tokenize or chat")
+        raise UserError(f"--what={what} is unknown; use train, sample, batch, tokenize or chat")
 
 
 if __name__ == "__main__":

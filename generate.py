@@ -5,6 +5,7 @@ generate.py: sample text from a checkpoint that train.py wrote.
     python generate.py --prompt="ROMEO:" --num_samples=3 --max_new_tokens=200
     python generate.py --prompt=FILE:prompt.txt --temperature=0   # greedy: always the most likely token
     python generate.py --top_k=40 --top_p=0.9 --seed=7
+    python generate.py --prompts=prompts.txt --max_new_tokens=100  # a prompt per line, all in one batch
     python generate.py --init_from=gpt2 --prompt="Hello, I'm a language model,"   # OpenAI's GPT-2 (downloaded once)
     python generate.py --quantize=int8                              # int8 weights: less memory, faster on a CPU
 
@@ -12,9 +13,12 @@ The checkpoint holds everything needed (weights, model shape, tokenizer); a LoRA
 names its base, and the adapters are merged into the base's weights as it loads. Text streams to stdout as it is
 made; the speed goes to stderr. Each new token is one forward pass over one position, thanks to the key/value
 cache in gpt.py; `--kv_cache=False` recomputes the whole context every step instead (same tokens, much slower).
+Several prompts, or samples, are generated together in one batch, each row its own length (see Batch); row i
+draws from --seed + i, so each row's text is what its prompt alone gives with that seed.
 """
 
 import codecs
+import json
 import sys
 import time
 
@@ -31,7 +35,8 @@ from lora import merge_adapters
 init_from = "out/best.pt"  # a checkpoint of train.py's, or GPT-2: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a
 #                            folder with a GPT-2's config.json and model.safetensors (and vocab.json, merges.txt)
 prompt = "\n"  # text to continue, or FILE:path to read it from a file
-num_samples = 1  # independent samples, generated together as one batch
+prompts = ""  # a file of prompts, one per line (or JSON Lines: {"prompt": "..."}), all continued together
+num_samples = 1  # independent samples of each prompt, generated together as one batch
 max_new_tokens = 500  # tokens to generate per sample
 temperature = 0.8  # < 1 sharpens the distribution, > 1 flattens it; 0 always takes the most likely token
 top_k = 0  # sample only among the k most likely tokens (0: all)
@@ -77,35 +82,108 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 
 
 @torch.inference_mode()  # no autograd bookkeeping at all: less overhead per token than no_grad
-def generate(model, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, generator=None, kv_cache=True):
-    """Yield the next token of every sequence, (B,), max_new_tokens times, continuing the prompts idx (B, T).
-
-    The model sees at most block_size positions. When the context outgrows them, we keep its last 3/4 and
-    start again from position 0 (the positions it was trained on), re-reading those tokens in one batched pass;
-    the cache then fills again for block_size/4 more tokens. (A rolling window would leave every cached key
-    encoded for a position it no longer has.) With kv_cache=False every step recomputes that same context in
-    full, so both paths see exactly the same tokens.
-    """
-    if idx.is_cuda:  # cuDNN's attention builds a plan for each new key length, and here every token brings one
-        torch.backends.cuda.enable_cudnn_sdp(False)
-    block_size = model.config.block_size
-    keep = block_size - block_size // 4
-    context = idx if idx.size(1) <= block_size else idx[:, -keep:]  # (B, T) what the model sees
-    cache = None
+def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, generator=None, kv_cache=True):
+    """Yield the next token of every sequence, (B,), max_new_tokens times, continuing `prompts`: a (B, T) tensor
+    of ids, or B lists of ids of any lengths, generated together as one batch (see Batch). `generator` draws the
+    samples: one generator for every row, or a list of one per row, with which each row draws exactly the tokens
+    its prompt would draw alone."""
+    batch = Batch(model, kv_cache, len(prompts))
+    for ids in prompts:
+        batch.add(ids)
+    generators = generator if isinstance(generator, list) else [generator] * len(batch.contexts)
     for _ in range(max_new_tokens):
-        if not kv_cache:
-            hidden = model.hidden(context)  # (B, T, C): the whole context, every step
-        elif cache is None:
-            cache = model.new_cache(context.size(0))
-            hidden = model.hidden(context, cache)  # read the context once, filling the cache
+        logits = batch.logits()  # (B, V)
+        if isinstance(generator, list):  # each row from its own generator
+            next_ids = torch.cat([sample_next(logits[b : b + 1], temperature, top_k, top_p, generators[b])
+                                  for b in range(len(generators))])
         else:
-            hidden = model.hidden(context[:, -1:], cache)  # only the newest token: (B, 1, C)
-        logits = model.lm_head(hidden[:, -1, :])  # (B, V): only the last position predicts the next token
-        next_id = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
-        yield next_id[:, 0]
-        context = torch.cat([context, next_id], dim=1)
-        if context.size(1) > block_size:  # outgrown: keep the most recent tokens, start over at position 0
-            context, cache = context[:, -keep:], None
+            next_ids = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
+        yield next_ids[:, 0]
+        batch.append(next_ids[:, 0].tolist())
+
+
+class Batch:
+    """Sequences generated together: one forward pass gives every row the logits of its next token. Each row has
+    a context of its own, of its own length; rows may join (add) and leave (remove) between steps, as chat.py's
+    clients do.
+
+    The model sees at most block_size positions. When a row's context outgrows them, it keeps its last 3/4 and
+    reads them again from position 0 (the positions the model was trained on); its cache then fills again for
+    block_size/4 more tokens. (A rolling window would leave every cached key encoded for a position it no longer
+    has.) With kv_cache=False every step recomputes each context in full, so both see exactly the same tokens."""
+
+    def __init__(self, model, kv_cache=True, rows=1):
+        self.model, self.kv_cache = model, kv_cache
+        self.device = model.lm_head.weight.device
+        if self.device.type == "cuda":  # cuDNN's attention builds a plan for each new key length: one per token
+            torch.backends.cuda.enable_cudnn_sdp(False)
+        self.contexts = []  # each row's tokens, as the model sees them
+        self.cache = model.new_cache(rows) if kv_cache else None  # rows 0..len(contexts) - 1 in use, the rest spare
+
+    def add(self, ids):
+        """A new row that continues `ids`; it is read into the cache at the next logits()."""
+        block_size = self.model.config.block_size
+        ids = [int(i) for i in ids]
+        self.contexts.append(ids if len(ids) <= block_size else ids[-(block_size - block_size // 4) :])
+        if self.kv_cache and len(self.contexts) > len(self.cache.lens):  # out of rows: twice as many
+            bigger, n = self.model.new_cache(2 * len(self.contexts)), len(self.cache.lens)
+            bigger.k[:, :n], bigger.v[:, :n], bigger.lens[:n] = self.cache.k, self.cache.v, self.cache.lens
+            self.cache = bigger
+        if self.kv_cache:
+            self.cache.lens[len(self.contexts) - 1] = 0  # nothing of it is cached yet
+
+    def remove(self, row):
+        """Drop a row; the last row moves into its place (in the cache too)."""
+        last = len(self.contexts) - 1
+        self.contexts[row] = self.contexts[last]
+        self.contexts.pop()
+        if self.kv_cache and row != last:
+            for t in (self.cache.k, self.cache.v):
+                t[:, row] = t[:, last]
+            self.cache.lens[row] = self.cache.lens[last]
+
+    def logits(self):
+        """The logits (B, V) of every row's next token."""
+        if not self.kv_cache:  # every context in full, every step
+            return self.model.lm_head(self.last_hidden(self.contexts))
+        cache, n = self.cache.rows(0, len(self.contexts)), len(self.contexts)
+        cached = cache.lens.tolist()
+        stale = [b for b in range(n) if cached[b] != len(self.contexts[b]) - 1]  # new rows, or rows just cut back
+        if len(stale) == n:  # all of them (a new batch): every context but its newest token, in one pass
+            self.read([c[:-1] for c in self.contexts], cache)
+        for b in stale if len(stale) < n else ():  # one at a time, while the others wait for the step below
+            self.read([self.contexts[b][:-1]], cache.rows(b, b + 1))
+        newest = torch.tensor([[c[-1]] for c in self.contexts], device=self.device)  # (B, 1)
+        return self.model.lm_head(self.model.hidden(newest, cache)[:, -1])  # each row at its own position
+
+    def read(self, contexts, cache):
+        """Read contexts into the rows of cache from position 0, right-padded to the longest: no real token sees a
+        pad, and each row's length then leaves its pads out, for later tokens to overwrite."""
+        lengths = torch.tensor([len(c) for c in contexts], device=self.device)
+        cache.lens.zero_()
+        if lengths.max() > 0:
+            self.model.hidden(self.padded(contexts), cache)
+        cache.lens.copy_(lengths)
+
+    def last_hidden(self, contexts):
+        """Without a cache: each context in full, right-padded; the hidden state (B, C) of each one's last token."""
+        hidden = self.model.hidden(self.padded(contexts))  # (B, T, C)
+        last = torch.tensor([len(c) - 1 for c in contexts], device=self.device)
+        return hidden[torch.arange(len(contexts), device=self.device), last]
+
+    pad = 0  # the id that fills the rows shorter than the longest: any id, since no real token sees it
+
+    def padded(self, contexts):
+        longest = max(len(c) for c in contexts)
+        return torch.tensor([c + [self.pad] * (longest - len(c)) for c in contexts], device=self.device)  # (B, T)
+
+    def append(self, tokens):
+        """Each row's new token; a row that outgrows block_size keeps its last 3/4, to be read again."""
+        block_size = self.model.config.block_size
+        for context, token in zip(self.contexts, tokens):
+            context.append(token)
+            if len(context) > block_size:
+                del context[: len(context) - (block_size - block_size // 4)]
 
 
 def text_decoder(tok):
@@ -121,43 +199,68 @@ def text_decoder(tok):
 
 
 def sample_text(model, tok, prompt_text, max_new_tokens, num_samples=1, temperature=0.8, top_k=0, top_p=1.0,
-                seed=1337, kv_cache=True, out=sys.stdout):
-    """Generate from a prompt string and write the text to `out`, streaming it when there is one sample."""
+                seed=1337, kv_cache=True, out=None):
+    """Continue a prompt string, or each of a list of them, num_samples times, all in one batch; write the texts to
+    `out` (stdout if None), streaming the text when there is one. Row i (prompt i // num_samples) draws from a
+    generator seeded seed + i."""
     model.eval()
+    out = out or sys.stdout
     device = model.lm_head.weight.device
-    ids = tok.encode(prompt_text, allowed_special=True)  # a prompt may start with <|endoftext|>, as GPT-2's do
-    if not ids:
-        raise UserError("the prompt is empty after encoding; give some text with --prompt")
-    idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)  # (B, T)
-    generator = torch.Generator(device).manual_seed(seed)
-    decoders = [text_decoder(tok) for _ in range(num_samples)]
-    texts = [prompt_text for _ in range(num_samples)]
-    if num_samples == 1:
-        out.write(prompt_text)
+    texts = [p for p in ([prompt_text] if isinstance(prompt_text, str) else prompt_text) for _ in range(num_samples)]
+    rows = [tok.encode(text, allowed_special=True) for text in texts]  # a prompt may start with <|endoftext|>
+    if not all(rows):
+        raise UserError("a prompt is empty after encoding; give some text with --prompt or --prompts")
+    generators = [torch.Generator(device).manual_seed(seed + i) for i in range(len(rows))]
+    decoders = [text_decoder(tok) for _ in rows]
+    stream = len(rows) == 1
+    if stream:
+        out.write(texts[0])
     t0 = time.perf_counter()
-    for step, next_ids in enumerate(generate(model, idx, max_new_tokens, temperature, top_k, top_p, generator,
+    for step, next_ids in enumerate(generate(model, rows, max_new_tokens, temperature, top_k, top_p, generators,
                                              kv_cache)):
         if step == 0:
-            first = time.perf_counter() - t0  # the prompt's pass, plus one-time warm-up (GPU; slabs_pay on a CPU)
+            first = time.perf_counter() - t0  # the prompts' pass, plus one-time warm-up (GPU; slabs_pay on a CPU)
         for i, token in enumerate(next_ids.tolist()):
             piece = decoders[i](token)  # "" while a character's bytes are still incomplete
             texts[i] += piece
-            if num_samples == 1:
+            if stream:
                 out.write(piece)
                 out.flush()
     ends = [decode() for decode in decoders]  # a character the last token cut off: U+FFFD
     texts = [text + end for text, end in zip(texts, ends)]
-    if num_samples == 1:
-        out.write(ends[0])
     elapsed = time.perf_counter() - t0
-    if num_samples > 1:
-        out.write(("\n" + "-" * 80 + "\n").join(texts))
+    out.write(ends[0] if stream else ("\n" + "-" * 80 + "\n").join(texts))
     out.write("\n")
     out.flush()
-    n = max_new_tokens * num_samples
+    n = max_new_tokens * len(rows)
     print(f"[{n} tokens in {elapsed:.2f} s: {n / elapsed:,.0f} tokens/s; the first after {first:.2f} s]",
           file=sys.stderr)
     return texts
+
+
+def read_prompts(path):
+    """The prompts in a file: one per line, or, for a .jsonl file, a JSON object {"prompt": "..."} per line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read the prompts file {path} ({type(e).__name__}); give a UTF-8 text file")
+    if not path.endswith(".jsonl"):
+        found = [line for line in lines if line]
+    else:
+        found = []
+        for number, line in enumerate(lines, 1):
+            try:
+                found.append(json.loads(line)["prompt"] if line.strip() else "")
+            except (ValueError, KeyError, TypeError):
+                raise UserError(f"{path} line {number} is not a JSON object with a \"prompt\"; write one like "
+                                f"{{\"prompt\": \"ROMEO:\"}} per line") from None
+            if not isinstance(found[-1], str):
+                raise UserError(f"{path} line {number}: the prompt must be a string")
+        found = [p for p in found if p]
+    if not found:
+        raise UserError(f"{path} holds no prompt; write one per line")
+    return found
 
 
 def load_for_sampling(init_from, device, dtype, quantize="", fused_attention=True):
@@ -179,8 +282,10 @@ def load_for_sampling(init_from, device, dtype, quantize="", fused_attention=Tru
 
 @configurator.script
 def main(args):
-    configurator.configure(globals(), args)
+    overridden = configurator.configure(globals(), args)
     configurator.check_at_least(globals(), dict(max_new_tokens=1, num_samples=1))
+    if prompts and "prompt" in overridden:
+        raise UserError("give --prompt or --prompts, not both")
     configurator.check_seed(seed)
     if temperature < 0:
         raise UserError(f"--temperature={temperature} must be >= 0 (0 means greedy)")
@@ -188,8 +293,8 @@ def main(args):
         raise UserError(f"--top_k={top_k} must be >= 0 (0 means no limit)")
     if not 0 < top_p <= 1:
         raise UserError(f"--top_p={top_p} must be in (0, 1] (1 means no limit)")
-    text = prompt
-    if text.startswith("FILE:"):
+    text = read_prompts(prompts) if prompts else prompt
+    if isinstance(text, str) and text.startswith("FILE:"):
         try:
             with open(text[5:], encoding="utf-8") as f:
                 text = f.read()

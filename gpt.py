@@ -55,16 +55,15 @@ def norm(config, size):
     return nn.RMSNorm(size, eps=1e-5) if config.rmsnorm else nn.LayerNorm(size, bias=config.bias)
 
 
-def rotary(start, T, hs, dtype, device):
-    """RoPE's rotations for positions start, ..., start + T - 1, as (cos, sin), each (T, hs): each pair of dimensions
-    (i, i + hs/2) turns by the angle position * 10000^(-2i/hs). sin carries the pair's signs: (-sin, sin).
-    Computed once per forward pass, for every layer."""
+def rotary(positions, hs, dtype):
+    """RoPE's rotations for the positions given (T,), or per row (B, 1, T), as (cos, sin), each of the positions'
+    shape plus (hs,): each pair of dimensions (i, i + hs/2) turns by the angle position * 10000^(-2i/hs). sin
+    carries the pair's signs: (-sin, sin). Computed once per forward pass, for every layer."""
     precise = torch.float64 if dtype == torch.float64 else torch.float32  # angles at least as precise as x
-    frequency = 10000.0 ** (-torch.arange(0, hs, 2, device=device, dtype=precise) / hs)  # (hs/2,)
-    position = torch.arange(start, start + T, device=device, dtype=precise)  # (T,)
-    angle = position[:, None] * frequency[None, :]  # (T, hs/2)
-    sin = angle.sin()
-    return angle.cos().repeat(1, 2), torch.cat([-sin, sin], dim=-1)  # (T, hs) each
+    frequency = 10000.0 ** (-torch.arange(0, hs, 2, device=positions.device, dtype=precise) / hs)  # (hs/2,)
+    angle = positions.to(precise)[..., None] * frequency  # (..., T, hs/2)
+    cos, sin = angle.cos(), angle.sin()
+    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)  # (..., T, hs) each
 
 
 def rotate(x, rotation):
@@ -95,7 +94,7 @@ class CausalSelfAttention(nn.Module):
         self.fused = True  # F.scaled_dot_product_attention, the same computation in one kernel; False: attend()
         self.weights = None  # the written-out path keeps its attention weights here: (B, nh, T, Tk)
 
-    def forward(self, x, cache=None, rotation=None):
+    def forward(self, x, rotation=None, visible=None, cache=None):
         B, T, C = x.size()
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3 * C) cut into 3 x nh heads
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs) unpacked: each (B, nh, T, hs)
@@ -103,22 +102,23 @@ class CausalSelfAttention(nn.Module):
             q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
         if rotation is not None:  # RoPE: positions enter here, as rotations, not as a table added to the input
             q, k = rotate(q, rotation), rotate(k, rotation)
-        if cache is not None:  # generation: remember this step's keys and values, attend over all so far
-            k, v = cache.append(k, v)  # (B, nh, Tk, hs), Tk = positions cached before + T
-        if self.fused:  # a single new query (T == 1) comes after every cached key, so it needs no mask
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                               is_causal=T > 1)
+        if cache is not None:  # generation: keep this step's keys and values, attend over all of the row's so far
+            k, v = cache.store(k, v)  # (B, nh, Tk, hs): Tk, the longest row's positions
+        if self.fused:  # without `visible`, every row is a whole sequence: the plain causal mask
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, is_causal=visible is None,
+                                               dropout_p=self.dropout if self.training else 0.0)
         else:
-            y = self.attend(q, k, v)
+            y = self.attend(q, k, v, visible)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again: (B, T, C)
         return F.dropout(self.c_proj(y), self.dropout, self.training)
 
-    def attend(self, q, k, v):
-        """softmax(q @ k^T / sqrt(hs)) @ v with the future masked out, step by step; what the fused kernel computes."""
+    def attend(self, q, k, v, visible=None):
+        """softmax(q @ k^T / sqrt(hs)) @ v with the future masked out, step by step; what the fused kernel computes.
+        visible (B, 1, T, Tk) says which keys each query may see; None: query i sees keys 0..i."""
         T, Tk, hs = q.size(2), k.size(2), q.size(3)
         scores = q @ k.transpose(-2, -1) / math.sqrt(hs)  # (B, nh, T, hs) @ (B, nh, hs, Tk) -> (B, nh, T, Tk)
-        # query i sits at position Tk - T + i (after the cached ones) and may see keys 0..Tk - T + i
-        visible = torch.ones(T, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - T)  # (T, Tk)
+        if visible is None:
+            visible = torch.ones(T, Tk, dtype=torch.bool, device=q.device).tril()  # (T, Tk)
         scores = scores.masked_fill(~visible, float("-inf"))
         weights = F.softmax(scores, dim=-1)  # (B, nh, T, Tk): each row sums to 1
         self.weights = weights.detach()
@@ -151,8 +151,8 @@ class Block(nn.Module):
         self.ln_2 = norm(config, config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None, rotation=None):
-        x = x + self.attn(self.ln_1(x), cache, rotation)
+    def forward(self, x, rotation=None, visible=None, cache=None):
+        x = x + self.attn(self.ln_1(x), rotation, visible, cache)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -191,18 +191,27 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def hidden(self, idx, cache=None):
-        """The final hidden state of every position: (B, T) token ids -> (B, T, C)."""
+        """The final hidden state of every position: (B, T) token ids -> (B, T, C). Without a cache, each row is a
+        sequence from position 0; with one, row b goes on from its own length, positions cache.lens[b] onwards."""
         B, T = idx.size()
-        start = cache[0].len if cache else 0  # with a cache, idx continues where the cache left off
-        assert start + T <= self.config.block_size, f"{start + T} positions, but block_size is {self.config.block_size}"
+        positions, visible, end = torch.arange(T, device=idx.device), None, T  # (T,); the plain causal mask
+        if cache is not None:
+            positions = cache.lens[:, None] + positions  # (B, T): each row's own
+            end = int(positions.max()) + 1  # the longest row's positions, as far as attention reads
+            visible = cache.visible(positions, end)  # (B, 1, T, end): a query at position p sees keys 0..p of its row
+        assert end <= self.config.block_size, f"{end} positions, but block_size is {self.config.block_size}"
         x = self.transformer.wte(idx)  # (B, T, C)
         if not self.config.rope:
-            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))  # + (T, C)
+            x = x + self.transformer.wpe(positions)  # + (T, C), or (B, T, C) per row
         x = F.dropout(x, self.config.dropout, self.training)
         hs = self.config.n_embd // self.config.n_head
-        rotation = rotary(start, T, hs, x.dtype, x.device) if self.config.rope else None  # shared by every layer
+        rotation = None  # with RoPE, the turns of every position, shared by every layer: (T, hs) or (B, 1, T, hs)
+        if self.config.rope:
+            rotation = rotary(positions if cache is None else positions[:, None], hs, x.dtype)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cache[i] if cache else None, rotation)
+            x = block(x, rotation, visible, None if cache is None else cache.layer(i, end))
+        if cache is not None:
+            cache.lens += T  # every row took T more positions
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None, cache=None):
@@ -244,11 +253,11 @@ class GPT(nn.Module):
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].clone())
 
     def new_cache(self, batch_size):
-        """An empty key/value cache per layer, for generating `batch_size` sequences at once."""
-        c = self.config
-        p = self.transformer.wte.weight  # the cache takes the embedding's device and (float) dtype
-        return [KVCache(batch_size, c.n_head, c.block_size, c.n_embd // c.n_head, p.device, p.dtype)
-                for _ in range(c.n_layer)]
+        """An empty key/value cache for generating `batch_size` sequences at once."""
+        c, p = self.config, self.transformer.wte.weight  # the cache takes the embedding's device and (float) dtype
+        shape = (c.n_layer, batch_size, c.n_head, c.block_size, c.n_embd // c.n_head)
+        k, v = torch.zeros(shape, device=p.device, dtype=p.dtype), torch.zeros(shape, device=p.device, dtype=p.dtype)
+        return KVCache(k, v, torch.zeros(batch_size, dtype=torch.long, device=p.device))
 
 
 # -----------------------------------------------------------------------------
@@ -256,24 +265,46 @@ class GPT(nn.Module):
 
 
 class KVCache:
-    """One layer's keys and values for the positions seen so far, so each new token costs one position, not T.
+    """Every layer's keys and values for the positions seen so far, so that each new token costs one position, not T.
 
     Without it, generating token t recomputes the keys and values of all t positions before it, although they
-    never change: a past position only ever attends to positions before itself."""
+    never change: a past position only ever attends to positions before itself. Each row of the batch has a
+    length of its own (lens), so the rows can hold sequences of different lengths, and one row can be emptied
+    and filled again while the others go on."""
 
-    def __init__(self, batch_size, n_head, max_len, head_size, device, dtype):
-        self.k = torch.zeros(batch_size, n_head, max_len, head_size, device=device, dtype=dtype)
-        self.v = torch.zeros(batch_size, n_head, max_len, head_size, device=device, dtype=dtype)
-        self.len = 0  # positions filled
+    def __init__(self, k, v, lens):
+        self.k, self.v = k, v  # (n_layer, B, nh, block_size, hs) each
+        self.lens = lens  # (B,): the positions filled, per row
 
-    def append(self, k, v):  # k, v: (B, nh, T, hs)
-        T = k.size(2)
-        assert self.len == 0 or T == 1, "fill an empty cache with the prompt, then add one token at a time"
-        assert self.len + T <= self.k.size(2), "the cache is full: start a new one from the last tokens"
-        self.k[:, :, self.len : self.len + T] = k
-        self.v[:, :, self.len : self.len + T] = v
-        self.len += T
-        return self.k[:, :, : self.len], self.v[:, :, : self.len]
+    def visible(self, positions, end):
+        """Which of keys 0..end - 1 each new query sees, (B, 1, T, end) for queries at positions (B, T): those at its
+        own position and before, in its own row."""
+        return (torch.arange(end, device=positions.device) <= positions[:, :, None])[:, None]
+
+    def layer(self, i, end):
+        return LayerCache(self, i, end)
+
+    def rows(self, start, end):
+        """Rows start..end - 1 as a cache of their own, sharing this one's memory: what is written to it is here."""
+        return KVCache(self.k[:, start:end], self.v[:, start:end], self.lens[start:end])
+
+
+class LayerCache:
+    """Layer i's part of a KVCache, during a forward pass that reads keys 0..end - 1 (and advances lens when every
+    layer is done)."""
+
+    def __init__(self, cache, i, end):
+        self.cache, self.i, self.end = cache, i, end
+
+    def store(self, k, v):
+        """Put k, v (B, nh, T, hs) of the new tokens at each row's next T positions; return this layer's keys and
+        values 0..end - 1, (B, nh, end, hs) each (a row's positions past its own are masked)."""
+        c, (B, _, T, _) = self.cache, k.shape
+        positions = c.lens[:, None] + torch.arange(T, device=k.device)  # (B, T)
+        rows = torch.arange(B, device=k.device)[:, None]  # (B, 1)
+        c.k[self.i][rows, :, positions] = k.transpose(1, 2)  # (B, T, nh, hs) into each row's own places
+        c.v[self.i][rows, :, positions] = v.transpose(1, 2)
+        return c.k[self.i, :, :, : self.end], c.v[self.i, :, :, : self.end]
 
 
 # -----------------------------------------------------------------------------

@@ -68,7 +68,7 @@ def test_bench_sample_times_the_cache_and_the_recomputation_and_gives_their_rati
 
 def test_bench_refuses_bad_input_with_one_line(corpus):
     line = one_error_line(run_script("bench.py", "--what=speed", cwd=corpus))
-    assert "--what=speed" in line and "train, sample, tokenize or chat" in line
+    assert "--what=speed" in line and "train, sample, batch, tokenize or chat" in line
     failed = run_script("bench.py", "--", *TINY, "--n_layer=0", cwd=corpus)  # train.py refuses; bench says so
     assert failed.returncode != 0 and "Traceback" not in failed.stderr
     assert failed.stderr.strip().splitlines()[-1].startswith("error: train.py failed")
@@ -115,3 +115,15 @@ def test_bench_variants_takes_turns_and_reports_medians_and_the_best_within_the_
     assert rows["(the command as given)"][:4] == ["40.0", "2.480", "2.780", "7.0"]
     # rope: 3.0 - 0.2k - 0.01 seed reaches 2.6 at k = 2 (20 s); within 25 s also k = 2
     assert rows["--rope=True"][:4] == ["20.0", "1.980", "2.580", "7.0"]
+
+
+def test_bench_batch_times_prompts_together_and_one_at_a_time(corpus):
+    result = run_script("bench.py", "--what=batch", "--batches=1,3", "--device=cpu", "--n_layer=1", "--n_head=2",
+                        "--n_embd=32", "--block_size=16", "--max_new_tokens=20", cwd=corpus)
+    assert result.returncode == 0, result.stderr
+    rows = re.findall(r"^\s+(\d+)\s+([\d,]+)\s+([\d,]+)\s+([\d.]+)x$", result.stdout, re.M)
+    assert [int(r[0]) for r in rows] == [1, 3]
+    for _, together, alone, ratio in rows:  # the ratio of the two speeds as printed, within their rounding
+        together, alone = float(together.replace(",", "")), float(alone.replace(",", ""))
+        assert abs(together / alone - float(ratio)) <= together / alone * (0.5 / together + 0.5 / alone) * 1.01 + 0.05
+    assert one_error_line(run_script("bench.py", "--what=batch", "--batches=0", cwd=corpus)).endswith("like 1,8,32")

@@ -111,8 +111,9 @@ def test_the_cache_feeds_one_position_per_step():
     lengths = []
     model.transformer.wte.register_forward_hook(lambda m, inp, out: lengths.append(inp[0].size(1)))
     tokens(model, torch.randint(0, 30, (1, 5)), 30, temperature=0)
-    # the prompt once, then one token per step; each time the 16 positions overflow, the last 12 are re-read
-    assert lengths == [5] + [1] * 11 + ([12] + [1] * 4) * 3 + [12, 1, 1]
+    # the prompt once (all but its last token, then that one, as every step feeds a row its newest token), then one
+    # token per step; each time the 16 positions overflow, the last 12 are read again from position 0 the same way
+    assert lengths == [4, 1] + [1] * 11 + ([11, 1] + [1] * 4) * 3 + [11, 1, 1, 1]
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])

@@ -173,7 +173,7 @@ def test_rotary_scores_depend_only_on_how_far_apart_a_query_and_a_key_are():
     from gpt import rotary, rotate
 
     def at(x, start):  # x (1, 2, 8, 16) at positions start, ..., start + 7
-        return rotate(x, rotary(start, 8, 16, x.dtype, x.device))
+        return rotate(x, rotary(torch.arange(start, start + 8), 16, x.dtype))
 
     torch.manual_seed(0)
     q, k = torch.randn(1, 2, 8, 16, dtype=torch.float64), torch.randn(1, 2, 8, 16, dtype=torch.float64)
@@ -194,7 +194,7 @@ def test_rotary_turns_each_pair_of_dimensions_as_a_complex_number_times_its_phas
     frequency = 10000.0 ** (-torch.arange(4, dtype=torch.float64) / 4)  # 10000^(-2i/8)
     turned = z * torch.polar(torch.ones(5, 4, dtype=torch.float64), position * frequency)  # times e^(j angle)
     expected = torch.cat([turned.real, turned.imag], dim=-1)
-    torch.testing.assert_close(rotate(x, rotary(10, 5, 8, x.dtype, x.device)), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rotate(x, rotary(torch.arange(10, 15), 8, x.dtype)), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_rmsnorm_is_x_over_its_root_mean_square_times_a_gain():
@@ -307,5 +307,5 @@ def test_rope_attention_turns_queries_and_keys_by_position_and_leaves_values_alo
     with torch.no_grad():
         for fused in (True, False):
             model.use_fused_attention(fused)
-            out = attn(x, rotation=rotary(0, T, hs, x.dtype, x.device))
+            out = attn(x, rotation=rotary(torch.arange(T), hs, x.dtype))
             torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)

@@ -94,7 +94,7 @@ def test_every_linear_layer_is_quantized_and_the_embedding_lookup_stays_float(tr
     linears = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, Int8Linear))]
     assert len(linears) == 2 * 4 + 1 and all(isinstance(m, Int8Linear) for m in linears)  # lm_head too
     assert model.lm_head.weight.dtype == torch.int8 and model.transformer.wte.weight.dtype == torch.float32
-    assert model.new_cache(1)[0].k.dtype == torch.float32
+    assert model.new_cache(1).k.dtype == torch.float32
 
 
 def test_generate_and_look_sample_and_evaluate_with_int8_weights(trained, monkeypatch, capsys):
