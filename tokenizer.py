@@ -279,9 +279,12 @@ class BPETokenizer(Tokenizer):
     @classmethod
     def train(cls, text, vocab_size, special_tokens=(ENDOFTEXT,), pattern=GPT2_PATTERN):
         """The merges of train_naive, learned fast. Each distinct chunk is counted once (equal chunks merge
-        alike), and a merge updates only the counts of the pairs it touches, in the words that hold it."""
+        alike), and a merge updates only the counts of the pairs it touches, in the words that hold it. `text` may
+        also be an iterable of texts, each pre-split on its own (prepare.py streams a corpus so)."""
         n_merges = merges_wanted(vocab_size, special_tokens)
-        chunks = Counter(chunks_of(text, special_tokens, pattern))
+        chunks = Counter()
+        for part in [text] if isinstance(text, str) else text:
+            chunks.update(chunks_of(part, special_tokens, pattern))
         words = [list(chunk.encode("utf-8", "surrogatepass")) for chunk in chunks]
         freqs = list(chunks.values())
 
