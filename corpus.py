@@ -46,7 +46,17 @@ BLOCK_BYTES = 1 << 20  # bytes read from a file at a time
 
 
 def input_files(spec, download_dir):
-    """The files `spec` names, in order, each checked to exist (see the docstring at the top)."""
+    """The files `spec` names, in order, each checked to be there (see the docstring at the top)."""
+    files = named_files(spec, download_dir)
+    for path in files:
+        try:
+            os.stat(path)
+        except OSError as e:  # a link to nowhere, a file that went away
+            raise os_error("read", path, e) from None
+    return files
+
+
+def named_files(spec, download_dir):
     if spec.startswith("@"):
         listing = spec[1:]
         try:
@@ -59,7 +69,7 @@ def input_files(spec, download_dir):
             raise UserError(f"the list {listing} names no file; put one path or URL on each line")
         here = os.path.dirname(listing)
         return [path for entry in entries for path in
-                input_files(entry if "://" in entry else os.path.join(here, entry), download_dir)]
+                named_files(entry if "://" in entry else os.path.join(here, entry), download_dir)]
     if spec.startswith(("http://", "https://")):
         path = os.path.join(download_dir, os.path.basename(spec.split("?")[0]) or "input.txt")
         if not os.path.exists(path):  # download() renames a file into place only once it is whole
@@ -113,7 +123,7 @@ def cut_points(tok):
 
 class Reader:
     """Iterating gives (document, text, last) for every piece of every document of `files`, in order: document
-    counts from 0 over all files, and last marks a document's last piece. `done` and `total` are the bytes of
+    counts from 0 over all files (a document with no text is left out), and last marks a document's last piece. `done` and `total` are the bytes of
     the files read so far and in all (compressed, for .gz files), for progress lines."""
 
     def __init__(self, files, text_field="text", cut=len):
@@ -129,8 +139,10 @@ class Reader:
                     self.position = lambda: before + raw.tell()
                     texts = self.json_lines(path, f) if is_json_lines(path) else [self.plain_text(path, f)]
                     for text in texts:
-                        yield from ((doc, piece, last) for piece, last in self.pieces(text))
-                        doc += 1
+                        for piece, last in self.pieces(text):
+                            if piece:  # a document with no text is none: its one piece is empty
+                                yield doc, piece, last
+                                doc += last
             except (EOFError, zlib.error, gzip.BadGzipFile) as e:  # BadGzipFile is an OSError: first
                 raise UserError(f"{path} is not a whole gzip file ({str(e)[:60]}); download it again")
             except OSError as e:
@@ -241,14 +253,14 @@ def encoded(tok, tasks, workers, allowed_special=False):
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def tasks_of(pieces, chars=PIECE_CHARS):
-    """Pieces [(info, text)] grouped into tasks ([infos], [texts]) of about `chars` characters each."""
+def tasks_of(pieces):
+    """Pieces [(info, text)] grouped into tasks ([infos], [texts]) of about PIECE_CHARS characters each."""
     infos, texts, size = [], [], 0
     for info, text in pieces:
         infos.append(info)
         texts.append(text)
         size += len(text)
-        if size >= chars:
+        if size >= PIECE_CHARS:
             yield infos, texts
             infos, texts, size = [], [], 0
     if infos:
@@ -344,7 +356,10 @@ class SplitWriter:
     def abort(self):
         """Remove the shard being written (the finished ones stay, for a rerun to keep)."""
         if self.file is not None:
-            self.file.close()
+            try:
+                self.file.close()  # its buffer may not fit either
+            except OSError:
+                pass
             os.remove(self.tmp)
             self.file = None
 

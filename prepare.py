@@ -275,9 +275,8 @@ def write_shards(tok, files, text_field, writers, val_fraction, workers):
     def pieces():  # ((document, split, ends it), text) for each piece still to encode
         for doc, text, last in reader:
             split = "val" if is_val(doc, val_fraction) else "train"
-            if last and text:  # a document's last piece is empty only if the document is
-                documents[split] += 1
-            if text and doc >= writers[split].resume[0]:
+            documents[split] += last
+            if doc >= writers[split].resume[0]:
                 yield (doc, split, last), text
 
     t0 = shown = time.perf_counter()
