@@ -286,3 +286,31 @@ def test_a_disk_that_fills_up_is_one_line_and_the_run_goes_on_when_there_is_room
     assert run_script("prepare.py", *args, cwd=tmp_path).returncode == 0
     assert run_script("prepare.py", *args[:-1], "--data_dir=straight", cwd=tmp_path).returncode == 0
     assert folder_bytes(tmp_path / "d") == folder_bytes(tmp_path / "straight")
+
+
+def test_train_reads_shards_as_it_reads_one_file_and_resumes_exactly(tmp_path, monkeypatch):
+    import torch
+
+    import train
+    from test_safety import TINY, assert_same_state
+
+    write_corpus(tmp_path / "in")
+    prepare.prepare(input=str(tmp_path / "in"), data_dir=str(tmp_path / "shards"), shard_tokens=300)
+    meta = json.loads((tmp_path / "shards" / "meta.json").read_text(encoding="utf-8"))
+    assert len(meta["shards"]["train"]) > 10  # windows of 17 tokens often run from one shard into the next
+    (tmp_path / "single").mkdir()  # the same ids, as one train.bin and one val.bin
+    for split in ("train", "val"):
+        read_split(tmp_path / "shards", split).tofile(tmp_path / "single" / f"{split}.bin")
+    del meta["shards"]
+    (tmp_path / "single" / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+
+    monkeypatch.chdir(tmp_path)
+    args = [*TINY, "--device=cpu", "--eval_interval=4", "--lr_decay_iters=8"]
+    train.main([*args, "--data_dir=single", "--max_iters=8", "--out_dir=single_run"])
+    train.main([*args, "--data_dir=shards", "--max_iters=8", "--out_dir=shards_run"])
+    train.main([*args, "--data_dir=shards", "--max_iters=3", "--out_dir=resumed"])
+    train.main(["--init_from=resume", "--max_iters=8", "--out_dir=resumed"])
+    runs = [torch.load(tmp_path / run / "last.pt", weights_only=True) for run in ("single_run", "shards_run", "resumed")]
+    for run in runs[1:]:
+        assert run["iter_num"] == 8 and run["best_val_loss"] == runs[0]["best_val_loss"]
+        assert_same_state(run["model"], runs[0]["model"])
