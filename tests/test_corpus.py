@@ -314,3 +314,28 @@ def test_train_reads_shards_as_it_reads_one_file_and_resumes_exactly(tmp_path, m
     for run in runs[1:]:
         assert run["iter_num"] == 8 and run["best_val_loss"] == runs[0]["best_val_loss"]
         assert_same_state(run["model"], runs[0]["model"])
+
+
+def test_the_gpt2_124m_recipe_runs_through_prepare_and_train_when_made_tiny(tmp_path, monkeypatch):
+    import configurator
+    import train
+
+    recipe = os.path.join(ROOT, "config", "gpt2_124m.py")
+    settings = dict(configurator.read_config_file(recipe, configurator.setting_names(vars(train))))
+    assert settings["batch_size"] * settings["block_size"] * settings["gradient_accumulation_steps"] == 2**19
+    assert settings["max_iters"] == 10**10 // 2**19 and (settings["n_layer"], settings["n_embd"]) == (12, 768)
+
+    # the README's commands, on a few documents shaped like FineWeb-Edu's JSON Lines
+    with open(tmp_path / "fineweb-edu-10BT.jsonl", "w", encoding="utf-8") as f:
+        for i, text in enumerate(DOCUMENTS * 40):
+            f.write(json.dumps({"text": text, "id": f"<urn:{i}>", "score": 3.1}) + "\n")
+    monkeypatch.chdir(tmp_path)
+    prepare.main(["--input=fineweb-edu-10BT.jsonl", "--tokenizer=gpt2", f"--gpt2_vocab={shared_file(GPT2_TIKTOKEN)}",
+                  "--data_dir=data/fineweb-edu", "--val_fraction=0.1", "--shard_tokens=20000"])
+    train.main([recipe, "--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=32", "--batch_size=2",
+                "--gradient_accumulation_steps=2", "--max_iters=2", "--warmup_iters=1", "--eval_interval=2",
+                "--eval_iters=1", "--sample_length=0", "--device=cpu", "--dtype=float32", "--compile=False"])
+    config = json.loads((tmp_path / "out-gpt2-124m" / "config.json").read_text())
+    assert (config["beta2"], config["warmup_iters"], config["rope"], config["data_dir"]) == (0.95, 1, False,
+                                                                                             "data/fineweb-edu")
+    assert len(json.loads((tmp_path / "data" / "fineweb-edu" / "meta.json").read_text())["shards"]["train"]) > 1
