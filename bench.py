@@ -7,6 +7,7 @@ bench.py: measure training and sampling speed the way a user meets it, and the s
     python bench.py --what=sample --n_layer=6 --n_head=6 --n_embd=384 --block_size=256 --max_new_tokens=500
     python bench.py --what=sample --quantize=int8 --repeat=5    # cached sampling, fp32 weights against int8
     python bench.py --what=tokenize --gpt2_vocab=gpt2.tiktoken    # BPE training and encoding speed
+    python bench.py --what=tokenize --gpt2_vocab=gpt2.tiktoken --corpus=docs.jsonl --workers=1,2 --kill_after=20
     python bench.py --what=chat --max_new_tokens=200         # chat.py's web API under 1, 4 and 16 clients at once
 
 Training (--what=train) launches the real `python train.py <everything after -->` and timestamps its output
@@ -23,6 +24,10 @@ the memory their weights take.
 
 Tokenizing (--what=tokenize) times BPE training on input.txt, GPT-2's encoding of it, and the worst case for BPE:
 one long chunk with no spaces (20,000 random letters), each the best of --repeat runs (tiktoken too, if installed).
+With --corpus (any input prepare.py takes; JSON Lines for the comparisons), it encodes the corpus's documents with
+GPT-2's tokenizer in this process and with tiktoken, then runs `python prepare.py --tokenizer=gpt2` on it with each
+number of --workers, and prints each run's wall time, MB/s and the peak memory of its largest process; with
+--kill_after, one more run is killed (SIGKILL) that many seconds in and run again, and the rerun is timed.
 
 Chat (--what=chat) starts the real `python chat.py --web` on a free port with --init_from, then for each number
 of --clients has that many clients send --requests_per_client generations of --max_new_tokens tokens each, all at
@@ -34,6 +39,7 @@ import http.client
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -64,6 +70,10 @@ quantize = ""  # --what=sample: 'int8' compares cached sampling with dtype's wei
 device = "auto"
 # --what=tokenize: BPE trained on input.txt, and GPT-2's tokenizer (from this file or folder; empty: downloaded)
 gpt2_vocab = ""
+corpus = ""  # a corpus to time prepare.py on, with each number of workers ('': input.txt only)
+workers = "1,2"  # prepare.py --workers for each timed run, comma-separated
+compare = True  # with --corpus: also encode its JSON Lines documents in this process, ours and tiktoken's
+kill_after = 0.0  # with --corpus: kill one more run this many seconds in, and time the run that resumes it (0: don't)
 # --what=chat: a chat.py server (its settings and the model's), under load
 init_from = "out/best.pt"  # the model the server loads
 clients = "1,4,16"  # how many clients send requests at once, one round for each number
@@ -233,6 +243,61 @@ def bench_tokenize():
         print(f"  tiktoken, the long chunk:      {best(lambda: fast.encode(blob)):8.3f} s")
 
 
+def documents(path):
+    """The text of each line of a JSON Lines file, one at a time."""
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)["text"]
+
+
+def bench_corpus():
+    """tiktoken and our GPT-2 tokenizer in this process, then prepare.py with each number of workers."""
+    import tokenizer
+
+    mb = sum(len(text.encode("utf-8")) for text in documents(corpus)) / 1e6 if compare else 0.0
+    if compare:
+        import tiktoken.load
+
+        ranks = tiktoken.load.load_tiktoken_bpe(gpt2_vocab)
+        fast = tiktoken.Encoding("gpt2", pat_str=tokenizer.GPT2_PATTERN, mergeable_ranks=ranks,
+                                 special_tokens={tokenizer.ENDOFTEXT: 50256})
+        ours = tokenizer.gpt2_tokenizer(gpt2_vocab)
+        for name, encode in (("tiktoken, one process", fast.encode_ordinary), ("ours, one process", ours.encode)):
+            t0 = time.perf_counter()
+            for text in documents(corpus):
+                encode(text)
+            print(f"{corpus}: {mb:,.1f} MB of documents, {name}: {mb / (time.perf_counter() - t0):6.2f} MB/s")
+    measured = "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); " \
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode)"
+    command = [sys.executable, "-c", measured, sys.executable, os.path.join(os.path.dirname(__file__), "prepare.py"),
+               f"--input={corpus}", "--tokenizer=gpt2", f"--gpt2_vocab={gpt2_vocab}"]
+    with tempfile.TemporaryDirectory() as out:
+        runs = [(f"prepare.py --workers={n}", int(n), None) for n in workers.split(",")]
+        runs += [(f"killed after {kill_after:g} s", int(workers.split(",")[-1]), kill_after)] if kill_after else []
+        for name, n, kill in runs:
+            run = [*command, f"--data_dir={out}/{n}", f"--workers={n}"]
+            t0 = time.perf_counter()
+            if kill:
+                process = subprocess.Popen(run[3:], stderr=subprocess.DEVNULL, start_new_session=True)
+                time.sleep(kill)
+                os.killpg(process.pid, 9)  # the run and its workers, at once
+                process.wait()
+                print(f"{name}: {len([f for f in os.listdir(f'{out}/{n}') if f.endswith('0.bin')])} shards in place")
+                t0 = time.perf_counter()
+                name = "  the run that resumed it"
+            result = subprocess.run(run, capture_output=True, text=True)
+            wall = time.perf_counter() - t0
+            peak, code = result.stdout.split()
+            reading = re.search(r"read ([\d,.]+) MB in ([\d.]+) s", result.stderr)
+            if code != "0" or not reading:
+                raise UserError(f"prepare.py failed: {result.stderr.strip().splitlines()[-1:]}")
+            size, seconds = float(reading[1].replace(",", "")), float(reading[2])
+            print(f"{name}: {wall:7.1f} s wall, {size / wall:6.2f} MB/s ({size / seconds:6.2f} MB/s past start-up), "
+                  f"largest process {int(peak) / 1024:,.0f} MiB peak RSS")
+            shutil.rmtree(f"{out}/{n}")
+
+
 # -----------------------------------------------------------------------------
 # chat.py's web API under load
 
@@ -329,6 +394,8 @@ def main(args):
         bench_train(train_args)
     elif what == "sample":
         bench_sample()
+    elif what == "tokenize" and corpus:
+        bench_corpus()
     elif what == "tokenize":
         bench_tokenize()
     elif what == "chat":
