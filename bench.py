@@ -7,7 +7,8 @@ bench.py: measure training and sampling speed the way a user meets it, and the s
     python bench.py --what=sample --n_layer=6 --n_head=6 --n_embd=384 --block_size=256 --max_new_tokens=500
     python bench.py --what=sample --quantize=int8 --repeat=5    # cached sampling, fp32 weights against int8
     python bench.py --what=tokenize --gpt2_vocab=gpt2.tiktoken    # BPE training and encoding speed
-    python bench.py --what=tokenize --gpt2_vocab=gpt2.tiktoken --corpus=docs.jsonl --workers=1,2 --kill_after=20
+    python bench.py --what=tokenize --gpt2_vocab=gpt2.tiktoken --corpus=docs.jsonl --workers=1,2 --kill_after=20 \
+        -- --shard_tokens=5000000     # prepare.py on a corpus with 1 and 2 workers, and killed once
     python bench.py --what=chat --max_new_tokens=200         # chat.py's web API under 1, 4 and 16 clients at once
 
 Training (--what=train) launches the real `python train.py <everything after -->` and timestamps its output
@@ -26,8 +27,9 @@ Tokenizing (--what=tokenize) times BPE training on input.txt, GPT-2's encoding o
 one long chunk with no spaces (20,000 random letters), each the best of --repeat runs (tiktoken too, if installed).
 With --corpus (any input prepare.py takes; JSON Lines for the comparisons), it encodes the corpus's documents with
 GPT-2's tokenizer in this process and with tiktoken, then runs `python prepare.py --tokenizer=gpt2` on it with each
-number of --workers, and prints each run's wall time, MB/s and the peak memory of its largest process; with
---kill_after, one more run is killed (SIGKILL) that many seconds in and run again, and the rerun is timed.
+number of --workers (and the flags after --), and prints each run's wall time, MB/s and the peak memory of its
+largest process; with --kill_after, one more run is killed (SIGKILL) that many seconds in and run again, and the
+rerun is timed.
 
 Chat (--what=chat) starts the real `python chat.py --web` on a free port with --init_from, then for each number
 of --clients has that many clients send --requests_per_client generations of --max_new_tokens tokens each, all at
@@ -251,8 +253,9 @@ def documents(path):
                 yield json.loads(line)["text"]
 
 
-def bench_corpus():
-    """tiktoken and our GPT-2 tokenizer in this process, then prepare.py with each number of workers."""
+def bench_corpus(prepare_args):
+    """tiktoken and our GPT-2 tokenizer in this process, then prepare.py with each number of workers (and
+    prepare_args, the flags after --)."""
     import tokenizer
 
     mb = sum(len(text.encode("utf-8")) for text in documents(corpus)) / 1e6 if compare else 0.0
@@ -271,7 +274,7 @@ def bench_corpus():
     measured = "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); " \
                "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode)"
     command = [sys.executable, "-c", measured, sys.executable, os.path.join(os.path.dirname(__file__), "prepare.py"),
-               f"--input={corpus}", "--tokenizer=gpt2", f"--gpt2_vocab={gpt2_vocab}"]
+               f"--input={corpus}", "--tokenizer=gpt2", f"--gpt2_vocab={gpt2_vocab}", *prepare_args]
     with tempfile.TemporaryDirectory() as out:
         runs = [(f"prepare.py --workers={n}", int(n), None) for n in workers.split(",")]
         runs += [(f"killed after {kill_after:g} s", int(workers.split(",")[-1]), kill_after)] if kill_after else []
@@ -283,7 +286,8 @@ def bench_corpus():
                 time.sleep(kill)
                 os.killpg(process.pid, 9)  # the run and its workers, at once
                 process.wait()
-                print(f"{name}: {len([f for f in os.listdir(f'{out}/{n}') if f.endswith('0.bin')])} shards in place")
+                left = os.listdir(f"{out}/{n}") if os.path.isdir(f"{out}/{n}") else []
+                print(f"{name}: {len([f for f in left if f.endswith('0.bin')])} shards in place")
                 t0 = time.perf_counter()
                 name = "  the run that resumed it"
             result = subprocess.run(run, capture_output=True, text=True)
@@ -385,17 +389,17 @@ def check_settings():
 
 @configurator.script
 def main(args):
-    own, train_args = (args[: args.index("--")], args[args.index("--") + 1 :]) if "--" in args else (args, [])
+    own, passed = (args[: args.index("--")], args[args.index("--") + 1 :]) if "--" in args else (args, [])
     configurator.configure(globals(), own)
     check_settings()
     if what == "train" and (variants or seeds):
-        bench_variants(train_args)
+        bench_variants(passed)
     elif what == "train":
-        bench_train(train_args)
+        bench_train(passed)
     elif what == "sample":
         bench_sample()
     elif what == "tokenize" and corpus:
-        bench_corpus()
+        bench_corpus(passed)
     elif what == "tokenize":
         bench_tokenize()
     elif what == "chat":

@@ -123,8 +123,8 @@ def cut_points(tok):
 
 class Reader:
     """Iterating gives (document, text, last) for every piece of every document of `files`, in order: document
-    counts from 0 over all files (a document with no text is left out), and last marks a document's last piece. `done` and `total` are the bytes of
-    the files read so far and in all (compressed, for .gz files), for progress lines."""
+    counts from 0 over all files (a document with no text is left out), and last marks a document's last piece.
+    `done` and `total` are the bytes of the files read so far and in all (compressed, for .gz files)."""
 
     def __init__(self, files, text_field="text", cut=len):
         self.files, self.text_field, self.cut = files, text_field, cut
@@ -369,7 +369,8 @@ def kept_shards(folder, done):
     kept = []
     for entry in done:
         path = os.path.join(folder, entry["file"])
-        if not (os.path.isfile(path) and os.path.getsize(path) == 2 * entry["tokens"] and sha256_of(path) == entry["sha256"]):
+        if not (os.path.isfile(path) and os.path.getsize(path) == 2 * entry["tokens"]
+                and sha256_of(path) == entry["sha256"]):
             break
         kept.append(entry)
     return kept

@@ -85,11 +85,9 @@ def prepare(input=DEFAULT_INPUT, tokenizer="char", data_dir="", val_fraction=0.1
         download(SHAKESPEARE_URL, input, f"put a UTF-8 text file at {input} or pass --input=FILE", SHAKESPEARE_SHA256)
     files = corpus.input_files(input, data_dir)
     workers = workers or worker_count(files)
-    if len(files) == 1 and input == files[0] or input.startswith(("http://", "https://")):
-        if os.path.isdir(files[0]):
-            raise UserError(f"--input={files[0]} is not a file")
-        if not corpus.is_json_lines(files[0]):
-            return prepare_text(files[0], tokenizer, data_dir, val_fraction, vocab_size, gpt2_vocab, workers)
+    one_file = len(files) == 1 and (input == files[0] or input.startswith(("http://", "https://")))
+    if one_file and not corpus.is_json_lines(files[0]):
+        return prepare_text(files[0], tokenizer, data_dir, val_fraction, vocab_size, gpt2_vocab, workers)
     return prepare_corpus(input, files, tokenizer, data_dir, val_fraction, vocab_size, gpt2_vocab, text_field,
                           workers, shard_tokens)
 
@@ -168,7 +166,8 @@ def prepare_text(path, tokenizer, data_dir, val_fraction, vocab_size, gpt2_vocab
             start = end
 
     train_texts = (text for split, text in split_pieces(corpus.newline_cut) if split == "train")
-    tok = make_tokenizer(tokenizer, lambda: chars, lambda: limited(train_texts, BPE_TRAIN_CHARS), vocab_size, gpt2_vocab)
+    tok = make_tokenizer(tokenizer, lambda: chars, lambda: limited(train_texts, BPE_TRAIN_CHARS), vocab_size,
+                         gpt2_vocab)
     cut = corpus.newline_cut if isinstance(tok, tokenizers.CharTokenizer) else corpus.cut_points(tok)
     make_folder(data_dir)
     remove_stale_temporaries(data_dir)
@@ -191,7 +190,7 @@ def prepare_text(path, tokenizer, data_dir, val_fraction, vocab_size, gpt2_vocab
     finally:
         for writer in writers.values():
             writer.abort()
-    write_atomically(os.path.join(data_dir, "meta.json"), lambda f: f.write(json.dumps(meta, ensure_ascii=False).encode("utf-8")))
+    write_json(os.path.join(data_dir, "meta.json"), meta)
     remove_shards(data_dir)  # a corpus prepared here before
     print(f"{path}: {length:,} characters -> {meta['train_tokens']:,} train and {meta['val_tokens']:,} val "
           f"tokens, vocabulary {tok.vocab_size:,} ({tokenizer}), written to {data_dir}/", file=sys.stderr)
@@ -239,7 +238,7 @@ def prepare_corpus(input, files, tokenizer, data_dir, val_fraction, vocab_size, 
     def save_progress():
         state = {"fingerprint": fingerprint, "tokenizer": tok.to_dict(),
                  "shards": {split: writer.done for split, writer in writers.items()}}
-        write_atomically(progress_path, lambda f: f.write(json.dumps(state).encode("utf-8")))
+        write_json(progress_path, state)
 
     writers = {split: corpus.SplitWriter(data_dir, split, shard_tokens, done[split], save_progress)
                for split in ("train", "val")}
@@ -256,7 +255,7 @@ def prepare_corpus(input, files, tokenizer, data_dir, val_fraction, vocab_size, 
             writer.abort()
     meta = {"tokenizer": tok.to_dict(), "vocab_size": tok.vocab_size, "train_tokens": writers["train"].tokens,
             "val_tokens": writers["val"].tokens, "source": input, "documents": documents, "shards": shards}
-    write_atomically(meta_path, lambda f: f.write(json.dumps(meta, ensure_ascii=False).encode("utf-8")))
+    write_json(meta_path, meta)
     os.remove(progress_path)
     print(f"{input}: {documents['train'] + documents['val']:,} documents -> {meta['train_tokens']:,} train and "
           f"{meta['val_tokens']:,} val tokens in {len(shards['train'])} + {len(shards['val'])} shards, vocabulary "
@@ -268,8 +267,8 @@ def write_shards(tok, files, text_field, writers, val_fraction, workers):
     """Read every document, encode those not already in a finished shard, and give each split's writer its ids
     (with <|endoftext|> after each document, if the tokenizer has it). Returns the documents in each split."""
     reader = corpus.Reader(files, text_field, corpus.cut_points(tok))
-    eot = np.array([tok.special_tokens[tokenizers.ENDOFTEXT]] if tokenizers.ENDOFTEXT in getattr(
-        tok, "special_tokens", {}) else [], dtype=np.uint16)
+    specials = getattr(tok, "special_tokens", {})  # none for characters: their documents just follow each other
+    eot = np.array([specials[tokenizers.ENDOFTEXT]] if tokenizers.ENDOFTEXT in specials else [], dtype=np.uint16)
     documents = {"train": 0, "val": 0}
 
     def pieces():  # ((document, split, ends it), text) for each piece still to encode
@@ -295,6 +294,10 @@ def write_shards(tok, files, text_field, writers, val_fraction, workers):
     print(f"  read {reader.total / 1e6:,.1f} MB in {time.perf_counter() - t0:.1f} s "
           f"({reader.total / 1e6 / (time.perf_counter() - t0):.2f} MB/s) with {workers} worker(s)", file=sys.stderr)
     return documents
+
+
+def write_json(path, data):
+    write_atomically(path, lambda f: f.write(json.dumps(data, ensure_ascii=False).encode("utf-8")))
 
 
 def read_json(path):

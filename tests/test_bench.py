@@ -115,3 +115,24 @@ def test_bench_variants_takes_turns_and_reports_medians_and_the_best_within_the_
     assert rows["(the command as given)"][:4] == ["40.0", "2.480", "2.780", "7.0"]
     # rope: 3.0 - 0.2k - 0.01 seed reaches 2.6 at k = 2 (20 s); within 25 s also k = 2
     assert rows["--rope=True"][:4] == ["20.0", "1.980", "2.580", "7.0"]
+
+
+def test_bench_tokenize_on_a_corpus_times_each_worker_count_and_a_killed_run(tmp_path):
+    import json
+
+    from conftest import GPT2_TIKTOKEN, shared_file, small_text
+
+    with open(tmp_path / "docs.jsonl", "w", encoding="utf-8") as f:
+        for i in range(300):
+            f.write(json.dumps({"text": small_text(5 + i % 7)}) + "\n")
+    result = run_script("bench.py", "--what=tokenize", f"--gpt2_vocab={shared_file(GPT2_TIKTOKEN)}",
+                        "--corpus=docs.jsonl", "--workers=1", "--kill_after=0.1", "--", "--shard_tokens=5000",
+                        cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "tiktoken, one process" in lines[0] and "ours, one process" in lines[1]
+    speeds = [re.search(r"([\d.]+) s wall, +([\d.]+) MB/s \( *([\d.]+) MB/s past start-up\), largest process "
+                        r"([\d,]+) MiB peak RSS", line) for line in (lines[2], lines[-1])]
+    assert lines[2].startswith("prepare.py --workers=1:") and lines[-1].startswith("  the run that resumed it:")
+    for m in speeds:  # the largest process is a Python with numpy and GPT-2's tables: tens of MiB, not a few
+        assert m and float(m[1]) > 0 and float(m[3]) >= float(m[2]) > 0 and int(m[4].replace(",", "")) > 20

@@ -214,7 +214,8 @@ def test_peak_memory_does_not_grow_with_the_corpus(tmp_path):
                                 cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr
         peak[name] = int(result.stdout.split()[-1]) / 1024  # MiB
-    assert prepare.read_meta(tmp_path / "large")["train_tokens"] > 9 * prepare.read_meta(tmp_path / "small")["train_tokens"]
+    tokens = {name: prepare.read_meta(tmp_path / name)["train_tokens"] for name in peak}
+    assert tokens["large"] > 9 * tokens["small"]
     assert peak["large"] - peak["small"] < 12, peak  # 36 MB more text: read whole, it would be 36 MB and more
 
 
@@ -310,7 +311,8 @@ def test_train_reads_shards_as_it_reads_one_file_and_resumes_exactly(tmp_path, m
     train.main([*args, "--data_dir=shards", "--max_iters=8", "--out_dir=shards_run"])
     train.main([*args, "--data_dir=shards", "--max_iters=3", "--out_dir=resumed"])
     train.main(["--init_from=resume", "--max_iters=8", "--out_dir=resumed"])
-    runs = [torch.load(tmp_path / run / "last.pt", weights_only=True) for run in ("single_run", "shards_run", "resumed")]
+    runs = [torch.load(tmp_path / run / "last.pt", weights_only=True)
+            for run in ("single_run", "shards_run", "resumed")]
     for run in runs[1:]:
         assert run["iter_num"] == 8 and run["best_val_loss"] == runs[0]["best_val_loss"]
         assert_same_state(run["model"], runs[0]["model"])
