@@ -191,8 +191,8 @@ class Reader:
         text, searched = "", 0
         for block in blocks:
             text += block
-            if len(text) >= PIECE_CHARS:
-                at = self.cut(text[searched:])  # the part before `searched` has no cut: look only at the rest
+            if len(text) >= PIECE_CHARS:  # cut before the last character: a piece never ends a document empty
+                at = self.cut(text[searched:-1])  # the part before `searched` has no cut: look only at the rest
                 if at:
                     yield text[: searched + at], False
                     text = text[searched + at :]

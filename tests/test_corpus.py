@@ -86,6 +86,13 @@ def test_every_document_gets_tiktokens_ids_and_a_separator_on_any_number_of_work
     assert all(hashlib.sha256((out / e["file"]).read_bytes()).hexdigest() == e["sha256"] for e in shards)
     assert not (out / "progress.json").exists()
 
+    # characters: each piece cut anywhere, the documents one after another
+    prepare.prepare(input=str(tmp_path / "in"), data_dir=str(tmp_path / "chars"), val_fraction=0.25, workers=2,
+                    shard_tokens=1000)
+    tok = __import__("tokenizer").from_dict(prepare.read_meta(tmp_path / "chars")["tokenizer"])
+    assert tok.decode(read_split(tmp_path / "chars", "val").tolist()) == "".join(texts[3::4])
+    assert prepare.read_meta(tmp_path / "chars")["documents"] == meta["documents"]
+
 
 @pytest.mark.parametrize("tokenizer", ["char", "bpe", "gpt2"])
 def test_one_text_read_in_pieces_splits_90_10_by_characters_as_it_always_has(tmp_path, small_pieces, tokenizer):
