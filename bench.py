@@ -255,51 +255,72 @@ def documents(path):
 
 def bench_corpus(prepare_args):
     """tiktoken and our GPT-2 tokenizer in this process, then prepare.py with each number of workers (and
-    prepare_args, the flags after --)."""
+    prepare_args, the flags after --); each the best of --repeat rounds, taken in turn, so that a busy spell of a
+    shared machine falls on all of them. Then one run killed and resumed."""
     import tokenizer
 
-    mb = sum(len(text.encode("utf-8")) for text in documents(corpus)) / 1e6 if compare else 0.0
+    best = {}  # name -> (seconds, the line to print)
     if compare:
         import tiktoken.load
 
-        ranks = tiktoken.load.load_tiktoken_bpe(gpt2_vocab)
-        fast = tiktoken.Encoding("gpt2", pat_str=tokenizer.GPT2_PATTERN, mergeable_ranks=ranks,
-                                 special_tokens={tokenizer.ENDOFTEXT: 50256})
-        ours = tokenizer.gpt2_tokenizer(gpt2_vocab)
-        for name, encode in (("tiktoken, one process", fast.encode_ordinary), ("ours, one process", ours.encode)):
-            t0 = time.perf_counter()
-            for text in documents(corpus):
-                encode(text)
-            print(f"{corpus}: {mb:,.1f} MB of documents, {name}: {mb / (time.perf_counter() - t0):6.2f} MB/s")
+        mb = sum(len(text.encode("utf-8")) for text in documents(corpus)) / 1e6
+        fast = tiktoken.Encoding("gpt2", pat_str=tokenizer.GPT2_PATTERN, mergeable_ranks=tiktoken.load.
+                                 load_tiktoken_bpe(gpt2_vocab), special_tokens={tokenizer.ENDOFTEXT: 50256})
+        encoders = {"tiktoken, one process": fast.encode_ordinary,
+                    "ours, one process": tokenizer.gpt2_tokenizer(gpt2_vocab).encode}
     measured = "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); " \
                "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode)"
     command = [sys.executable, "-c", measured, sys.executable, os.path.join(os.path.dirname(__file__), "prepare.py"),
                f"--input={corpus}", "--tokenizer=gpt2", f"--gpt2_vocab={gpt2_vocab}", *prepare_args]
+
+    def keep(name, seconds, line):
+        if name not in best or seconds < best[name][0]:
+            best[name] = (seconds, line)
+
     with tempfile.TemporaryDirectory() as out:
-        runs = [(f"prepare.py --workers={n}", int(n), None) for n in workers.split(",")]
-        runs += [(f"killed after {kill_after:g} s", int(workers.split(",")[-1]), kill_after)] if kill_after else []
-        for name, n, kill in runs:
-            run = [*command, f"--data_dir={out}/{n}", f"--workers={n}"]
-            t0 = time.perf_counter()
-            if kill:
-                process = subprocess.Popen(run[3:], stderr=subprocess.DEVNULL, start_new_session=True)
-                time.sleep(kill)
-                os.killpg(process.pid, 9)  # the run and its workers, at once
-                process.wait()
-                left = os.listdir(f"{out}/{n}") if os.path.isdir(f"{out}/{n}") else []
-                print(f"{name}: {len([f for f in left if f.endswith('0.bin')])} shards in place")
+        for _ in range(repeat):
+            for name, encode in encoders.items() if compare else ():
                 t0 = time.perf_counter()
-                name = "  the run that resumed it"
-            result = subprocess.run(run, capture_output=True, text=True)
-            wall = time.perf_counter() - t0
-            peak, code = result.stdout.split()
-            reading = re.search(r"read ([\d,.]+) MB in ([\d.]+) s", result.stderr)
-            if code != "0" or not reading:
-                raise UserError(f"prepare.py failed: {result.stderr.strip().splitlines()[-1:]}")
-            size, seconds = float(reading[1].replace(",", "")), float(reading[2])
-            print(f"{name}: {wall:7.1f} s wall, {size / wall:6.2f} MB/s ({size / seconds:6.2f} MB/s past start-up), "
+                for text in documents(corpus):
+                    encode(text)
+                seconds = time.perf_counter() - t0
+                keep(name, seconds, f"{mb / seconds:6.2f} MB/s")
+            for n in workers.split(","):
+                wall, line = run_prepare([*command, f"--data_dir={out}/run", f"--workers={n}"], f"{out}/run")
+                keep(f"prepare.py --workers={n}", wall, line)
+        print(f"{corpus}: {'%.1f MB of documents, ' % mb if compare else ''}the best of {repeat} round(s)")
+        first = best[f"prepare.py --workers={workers.split(',')[0]}"][0]  # the run the others are compared with
+        for name, (seconds, line) in best.items():
+            if name.startswith("ours"):
+                line += f", {best['tiktoken, one process'][0] / seconds:.2f}x tiktoken"
+            elif name.startswith("prepare"):
+                line += f", {first / seconds:.2f}x the first"
+            print(f"  {name + ':':24} {line}")
+        if kill_after:
+            run = [*command, f"--data_dir={out}/killed", f"--workers={workers.split(',')[-1]}"]
+            process = subprocess.Popen(run[3:], stderr=subprocess.DEVNULL, start_new_session=True)
+            time.sleep(kill_after)
+            os.killpg(process.pid, 9)  # the run and its workers, at once
+            process.wait()
+            left = os.listdir(f"{out}/killed") if os.path.isdir(f"{out}/killed") else []
+            print(f"  killed after {kill_after:g} s, with {len([f for f in left if f.endswith('0.bin')])} shards in "
+                  f"place; the run that resumed it: {run_prepare(run, f'{out}/killed')[1]}")
+
+
+def run_prepare(run, data_dir):
+    """Run prepare.py through `run` (which prints the peak RSS of its largest process); (wall seconds, the line
+    to print). The data it wrote is removed."""
+    t0 = time.perf_counter()
+    result = subprocess.run(run, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    peak, code = result.stdout.split()
+    reading = re.search(r"read ([\d,.]+) MB in ([\d.]+) s", result.stderr)
+    if code != "0" or not reading:
+        raise UserError(f"prepare.py failed: {result.stderr.strip().splitlines()[-1:]}")
+    shutil.rmtree(data_dir)
+    size, seconds = float(reading[1].replace(",", "")), float(reading[2])
+    return wall, (f"{wall:7.1f} s wall, {size / wall:6.2f} MB/s ({size / seconds:6.2f} MB/s past start-up), "
                   f"largest process {int(peak) / 1024:,.0f} MiB peak RSS")
-            shutil.rmtree(f"{out}/{n}")
 
 
 # -----------------------------------------------------------------------------
