@@ -8,6 +8,8 @@ bench.py: measure training and sampling speed the way a user meets it, and the s
     python bench.py --what=sample --quantize=int8 --repeat=5    # cached sampling, fp32 weights against int8
     python bench.py --what=batch --batches=1,8,32 --n_layer=6 --n_head=4 --n_embd=64 --block_size=64   # prompts together
     python bench.py --what=tokenize --gpt2_vocab=gpt2.tiktoken    # BPE training and encoding speed
+    python bench.py --what=tokenize --gpt2_vocab=gpt2.tiktoken --corpus=docs.jsonl --workers=1,2 --kill_after=20 \
+        -- --shard_tokens=5000000     # prepare.py on a corpus with 1 and 2 workers, and killed once
     python bench.py --what=chat --max_new_tokens=200         # chat.py's web API under 1, 4 and 16 clients at once
 
 Training (--what=train) launches the real `python train.py <everything after -->` and timestamps its output
@@ -28,6 +30,11 @@ time, taking turns, and prints the tokens/s of each and their ratio.
 
 Tokenizing (--what=tokenize) times BPE training on input.txt, GPT-2's encoding of it, and the worst case for BPE:
 one long chunk with no spaces (20,000 random letters), each the best of --repeat runs (tiktoken too, if installed).
+With --corpus (any input prepare.py takes; JSON Lines for the comparisons), it encodes the corpus's documents with
+GPT-2's tokenizer in this process and with tiktoken, then runs `python prepare.py --tokenizer=gpt2` on it with each
+number of --workers (and the flags after --), and prints each run's wall time, MB/s and the peak memory of its
+largest process; with --kill_after, one more run is killed (SIGKILL) that many seconds in and run again, and the
+rerun is timed.
 
 Chat (--what=chat) starts the real `python chat.py --web` on a free port with --init_from, then for each number
 of --clients has that many clients send --requests_per_client generations of --max_new_tokens tokens each, all at
@@ -39,6 +46,7 @@ import http.client
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -70,6 +78,10 @@ batches = "1,8,32"  # --what=batch: how many different prompts to generate toget
 device = "auto"
 # --what=tokenize: BPE trained on input.txt, and GPT-2's tokenizer (from this file or folder; empty: downloaded)
 gpt2_vocab = ""
+corpus = ""  # a corpus to time prepare.py on, with each number of workers ('': input.txt only)
+workers = "1,2"  # prepare.py --workers for each timed run, comma-separated
+compare = True  # with --corpus: also encode its JSON Lines documents in this process, ours and tiktoken's
+kill_after = 0.0  # with --corpus: kill one more run this many seconds in, and time the run that resumes it (0: don't)
 # --what=chat: a chat.py server (its settings and the model's), under load
 init_from = "out/best.pt"  # the model the server loads
 clients = "1,4,16"  # how many clients send requests at once, one round for each number
@@ -274,6 +286,85 @@ def bench_tokenize():
         print(f"  tiktoken, the long chunk:      {best(lambda: fast.encode(blob)):8.3f} s")
 
 
+def documents(path):
+    """The text of each line of a JSON Lines file, one at a time."""
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)["text"]
+
+
+def bench_corpus(prepare_args):
+    """tiktoken and our GPT-2 tokenizer in this process, then prepare.py with each number of workers (and
+    prepare_args, the flags after --); each the best of --repeat rounds, taken in turn, so that a busy spell of a
+    shared machine falls on all of them. Then one run killed and resumed."""
+    import tokenizer
+
+    best = {}  # name -> (seconds, the line to print)
+    if compare:
+        import tiktoken.load
+
+        mb = sum(len(text.encode("utf-8")) for text in documents(corpus)) / 1e6
+        fast = tiktoken.Encoding("gpt2", pat_str=tokenizer.GPT2_PATTERN, mergeable_ranks=tiktoken.load.
+                                 load_tiktoken_bpe(gpt2_vocab), special_tokens={tokenizer.ENDOFTEXT: 50256})
+        ours = tokenizer.gpt2_tokenizer(gpt2_vocab)
+        encoders = {"tiktoken, one process": fast.encode_ordinary, "ours, one process": ours.encode}
+    measured = "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); " \
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode)"
+    command = [sys.executable, "-c", measured, sys.executable, os.path.join(os.path.dirname(__file__), "prepare.py"),
+               f"--input={corpus}", "--tokenizer=gpt2", f"--gpt2_vocab={gpt2_vocab}", *prepare_args]
+
+    def keep(name, seconds, line):
+        if name not in best or seconds < best[name][0]:
+            best[name] = (seconds, line)
+
+    with tempfile.TemporaryDirectory() as out:
+        for _ in range(repeat):
+            for name, encode in encoders.items() if compare else ():
+                ours.cache.clear()  # every round starts cold, as a fresh process does
+                t0 = time.perf_counter()
+                for text in documents(corpus):
+                    encode(text)
+                seconds = time.perf_counter() - t0
+                keep(name, seconds, f"{mb / seconds:6.2f} MB/s")
+            for n in workers.split(","):
+                wall, line = run_prepare([*command, f"--data_dir={out}/run", f"--workers={n}"], f"{out}/run")
+                keep(f"prepare.py --workers={n}", wall, line)
+        print(f"{corpus}: {'%.1f MB of documents, ' % mb if compare else ''}the best of {repeat} round(s)")
+        first = best[f"prepare.py --workers={workers.split(',')[0]}"][0]  # the run the others are compared with
+        for name, (seconds, line) in best.items():
+            if name.startswith("ours"):
+                line += f", {best['tiktoken, one process'][0] / seconds:.2f}x tiktoken"
+            elif name.startswith("prepare"):
+                line += f", {first / seconds:.2f}x the first"
+            print(f"  {name + ':':24} {line}")
+        if kill_after:
+            run = [*command, f"--data_dir={out}/killed", f"--workers={workers.split(',')[-1]}"]
+            process = subprocess.Popen(run[3:], stderr=subprocess.DEVNULL, start_new_session=True)
+            time.sleep(kill_after)
+            os.killpg(process.pid, 9)  # the run and its workers, at once
+            process.wait()
+            left = os.listdir(f"{out}/killed") if os.path.isdir(f"{out}/killed") else []
+            print(f"  killed after {kill_after:g} s, with {len([f for f in left if f.endswith('0.bin')])} shards in "
+                  f"place; the run that resumed it: {run_prepare(run, f'{out}/killed')[1]}")
+
+
+def run_prepare(run, data_dir):
+    """Run prepare.py through `run` (which prints the peak RSS of its largest process); (wall seconds, the line
+    to print). The data it wrote is removed."""
+    t0 = time.perf_counter()
+    result = subprocess.run(run, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    peak, code = result.stdout.split()
+    reading = re.search(r"read ([\d,.]+) MB in ([\d.]+) s", result.stderr)
+    if code != "0" or not reading:
+        raise UserError(f"prepare.py failed: {result.stderr.strip().splitlines()[-1:]}")
+    shutil.rmtree(data_dir)
+    size, seconds = float(reading[1].replace(",", "")), float(reading[2])
+    return wall, (f"{wall:7.1f} s wall, {size / wall:6.2f} MB/s ({size / seconds:6.2f} MB/s past start-up), "
+                  f"largest process {int(peak) / 1024:,.0f} MiB peak RSS")
+
+
 # -----------------------------------------------------------------------------
 # chat.py's web API under load
 
@@ -363,17 +454,19 @@ def check_settings():
 
 @configurator.script
 def main(args):
-    own, train_args = (args[: args.index("--")], args[args.index("--") + 1 :]) if "--" in args else (args, [])
+    own, passed = (args[: args.index("--")], args[args.index("--") + 1 :]) if "--" in args else (args, [])
     configurator.configure(globals(), own)
     check_settings()
     if what == "train" and (variants or seeds):
-        bench_variants(train_args)
+        bench_variants(passed)
     elif what == "train":
-        bench_train(train_args)
+        bench_train(passed)
     elif what == "sample":
         bench_sample()
     elif what == "batch":
         bench_batch()
+    elif what == "tokenize" and corpus:
+        bench_corpus(passed)
     elif what == "tokenize":
         bench_tokenize()
     elif what == "chat":

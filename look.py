@@ -8,6 +8,7 @@ looks, and which tokens its embeddings place together; for train.py's checkpoint
     python look.py curves --runs=out,out2                # train and val loss of runs, against steps and seconds
     python look.py attention --prompt="ROMEO:"           # every layer's and head's attention on a prompt
     python look.py neighbours --tokens=aeT.              # the tokens whose embeddings lie nearest these
+    python look.py hellaswag --init_from=gpt2            # HellaSwag's 10,042 validation questions: acc, acc_norm
 
 eval predicts every token of the text but the first, once each, in windows of block_size tokens that start every
 `stride` positions (the last one ends with the text). The first window predicts each of its tokens from all the
@@ -16,6 +17,11 @@ least block_size - stride + 1 tokens of context (--stride=1: every token after t
 block_size). It reports the mean loss in nats per token, the perplexity e^loss, and the bits per byte of the
 predicted text's UTF-8, loss x tokens / (ln 2 x bytes): the number that compares models with different tokenizers
 (for a character model on ASCII text, bits per character).
+
+hellaswag downloads HellaSwag's validation set once (hellaswag_val.jsonl, rowanz/hellaswag on GitHub) and, for each
+question, scores each of its four endings (with a space before it) by the loss of the ending's tokens after the
+context's: acc counts the questions whose right ending has the least total loss, acc_norm the least loss per
+token, as the reference evaluation does.
 
 curves reads the log.jsonl that train.py writes to its out_dir; curves and attention draw PNGs with matplotlib, an
 optional extra for pictures (pip install matplotlib). The model is gpt.py's, loaded by checkpoint.py.
@@ -33,6 +39,7 @@ from torch.nn import functional as F
 
 import configurator
 from configurator import UserError
+from files import CACHE_DIR, download
 import prepare
 import tokenizer as tokenizers
 from checkpoint import load_checkpoint, load_model, model_from_checkpoint
@@ -52,6 +59,9 @@ batch_tokens = 16384  # positions per forward pass: more is faster, until memory
 runs = "out"  # run folders (each with the log.jsonl train.py wrote) or log files, comma-separated: one figure
 # attention
 prompt = "ROMEO:\nWhat say you?"  # the text whose attention weights to draw (its last block_size tokens)
+# hellaswag
+hellaswag = ""  # HellaSwag's validation file; '': downloaded once into files.CACHE_DIR
+limit = 0  # score only the first this many questions (0: all 10,042)
 # neighbours
 tokens = ""  # whose neighbours to list: each character for a character model, else words ('': a few examples)
 top = 5  # neighbours per token
@@ -134,7 +144,7 @@ def text_ids(tok, data_dir):
             raise UserError(f"no prepared data in {data_dir}; run python prepare.py --data_dir={data_dir}, "
                             f"or pass --input=FILE")
         meta = prepare.read_meta(data_dir)  # checked, as train.py checks it
-        ids = prepare.load_split(data_dir, "val", meta).astype(np.int64).tolist()
+        ids = np.asarray(prepare.load_split(data_dir, "val", meta), dtype=np.int64).tolist()
         if meta["tokenizer"] != tok.to_dict():
             raise UserError(f"the data in {data_dir} was tokenized differently from the model; pass the "
                             f"--data_dir it was trained on, or --input=FILE")
@@ -168,6 +178,86 @@ def run_eval():
         least = T - step + 1
         print(f"windows of {T} tokens every {step} positions: after the first {T}, every token is predicted from "
               f"at least {least} token{'s' * (least > 1)} of context")
+    print(f"[{time.perf_counter() - t0:.2f} s]", file=sys.stderr)
+
+
+# -----------------------------------------------------------------------------
+# hellaswag: which of four endings the model finds likeliest
+
+HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+
+
+def read_hellaswag(path):
+    """[(context, [4 endings], label)] from a HellaSwag file: one JSON object a line, with ctx, endings, label."""
+    questions = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                q = json.loads(line)
+                ctx, endings, label = q["ctx"], q["endings"], q["label"]
+                assert isinstance(ctx, str) and len(endings) == 4 and all(isinstance(e, str) for e in endings)
+                assert label in range(4)
+            except (ValueError, KeyError, TypeError, AssertionError):
+                raise UserError(f"{path} line {n} is not a HellaSwag question (ctx, 4 endings, label 0-3); "
+                                f"pass HellaSwag's own validation file, or none to download it")
+            questions.append((ctx, endings, label))
+    return questions
+
+
+@torch.inference_mode()
+def ending_losses(model, rows, batch_tokens=16384):
+    """For each row (ids, start): the summed loss of ids[start:], each token predicted from the ones before it,
+    and how many tokens that is. A row longer than the model's block loses its first tokens."""
+    T, device = model.config.block_size, model.lm_head.weight.device
+    rows = [(ids[-(T + 1):], start - max(0, len(ids) - T - 1)) for ids, start in rows]
+    sums, counts = [], []
+    per_batch = max(1, batch_tokens // max(len(ids) for ids, _ in rows))
+    for i in range(0, len(rows), per_batch):
+        batch = rows[i : i + per_batch]
+        x = torch.zeros(len(batch), max(len(ids) for ids, _ in batch) - 1, dtype=torch.long)  # (B, T), 0-padded
+        row, pos, target = [], [], []  # every position that predicts an ending's token
+        for b, (ids, start) in enumerate(batch):
+            x[b, : len(ids) - 1] = torch.tensor(ids[:-1])
+            first = max(1, start)  # the ending's first token that has a position before it
+            row += [b] * (len(ids) - first)
+            pos += range(first - 1, len(ids) - 1)
+            target += ids[first:]
+        row, pos, target = (torch.tensor(v) for v in (row, pos, target))
+        h = model.hidden(x.to(device))[row.to(device), pos.to(device)]  # (N, C): those positions only
+        losses = F.cross_entropy(model.lm_head(h).float(), target.to(device), reduction="none").double().cpu()
+        sums.append(torch.zeros(len(batch), dtype=torch.float64).index_add_(0, row, losses))
+        counts.append(torch.bincount(row, minlength=len(batch)))
+    return torch.cat(sums), torch.cat(counts)
+
+
+def score_hellaswag(model, tok, questions, batch_tokens=16384):
+    """acc and acc_norm over the questions, and each question's (4,) summed and mean losses."""
+    rows = []
+    for ctx, endings, _ in questions:
+        context = tok.encode(ctx)
+        rows += [(context + tok.encode(" " + ending), len(context)) for ending in endings]
+    sums, counts = ending_losses(model, rows, batch_tokens)
+    sums, means = sums.view(-1, 4), (sums / counts).view(-1, 4)  # (questions, 4)
+    labels = torch.tensor([label for _, _, label in questions])
+    return dict(acc=(sums.argmin(1) == labels).double().mean().item(),
+                acc_norm=(means.argmin(1) == labels).double().mean().item(), sums=sums, means=means)
+
+
+def run_hellaswag():
+    if limit < 0:
+        raise UserError(f"--limit={limit} must be at least 0 (0: every question)")
+    path = hellaswag or os.path.join(CACHE_DIR, "hellaswag", "hellaswag_val.jsonl")
+    if not hellaswag and not os.path.exists(path):
+        print(f"downloading HellaSwag's validation set from {HELLASWAG_URL}", file=sys.stderr)
+        download(HELLASWAG_URL, path, "download hellaswag_val.jsonl yourself and pass --hellaswag=FILE")
+    if not os.path.isfile(path):
+        raise UserError(f"--hellaswag={path} not found; pass HellaSwag's hellaswag_val.jsonl, or none to download it")
+    questions = read_hellaswag(path)[: limit or None]
+    model, tok, _ = load(init_from, configurator.pick_device(device))
+    t0 = time.perf_counter()
+    r = score_hellaswag(model, tok, questions, batch_tokens)
+    print(f"{init_from} on HellaSwag ({len(questions):,} validation questions): acc {r['acc']:.4f}, "
+          f"acc_norm {r['acc_norm']:.4f}")
     print(f"[{time.perf_counter() - t0:.2f} s]", file=sys.stderr)
 
 
@@ -337,7 +427,8 @@ def run_neighbours():
 
 # -----------------------------------------------------------------------------
 
-COMMANDS = {"eval": run_eval, "curves": run_curves, "attention": run_attention, "neighbours": run_neighbours}
+COMMANDS = {"eval": run_eval, "curves": run_curves, "attention": run_attention, "neighbours": run_neighbours,
+            "hellaswag": run_hellaswag}
 
 
 @configurator.script

@@ -16,11 +16,13 @@ into its one id (BPE only); by default it is plain text.
 
 BPE is learned twice over: `BPETokenizer.train_naive` is the plain algorithm, easy to read and slow;
 `BPETokenizer.train` gives the same merges, counting each distinct word once and updating counts incrementally.
+Encoding is BPE as written (`encode_chunk`) with two shortcuts that change no id, in the section "Speed" below.
 """
 
 import base64
 import functools
 import heapq
+import itertools
 import json
 import os
 import re
@@ -121,12 +123,13 @@ WHITE_SPACE = ("\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u200
 
 
 @functools.cache
-def character_classes():
+def character_classes(astral=True):
     """Python's `re` has no \\p{L} or \\p{N}: build them once from unicodedata, as the inside of a [...] class.
     Letters and numbers are those of Python's Unicode version (14.0 in Python 3.11); tiktoken's may be newer,
-    so a character assigned since could split differently."""
+    so a character assigned since could split differently. astral=False leaves out the code points past
+    U+FFFF (see the speed section below)."""
     members = {"L": [], "N": []}
-    for c in range(0x110000):
+    for c in range(0x110000 if astral else 0x10000):
         kind = unicodedata.category(chr(c))[0]
         if kind in members:
             members[kind].append(c)
@@ -147,9 +150,10 @@ def runs(codes):
 
 
 @functools.cache
-def compile_pattern(pattern):
-    """A Rust-regex-style pattern (\\p{L}, \\p{N}, \\s, \\S) as a compiled Python pattern with the same meaning."""
-    classes = character_classes()
+def compile_pattern(pattern, astral=True):
+    """A Rust-regex-style pattern (\\p{L}, \\p{N}, \\s, \\S) as a compiled Python pattern with the same meaning
+    (astral=False: the same on text with no code point past U+FFFF)."""
+    classes = character_classes(astral)
     known = {r"\p{L}": ("L", ""), r"\p{N}": ("N", ""), r"\s": ("s", ""), r"\S": ("s", "^")}
     out, in_class = [], False
     for token in re.findall(r"\\[pP]\{\w*\}|\\.|\[\^?|\]|.", pattern, flags=re.DOTALL):
@@ -213,9 +217,8 @@ def apply_merges(ids, ranks):
 
 def chunks_of(text, special_tokens=(ENDOFTEXT,), pattern=GPT2_PATTERN):
     """The pre-split chunks of `text`, in order; special tokens only separate them (no merge crosses one)."""
-    split = compile_pattern(pattern)
     parts = re.split("|".join(map(re.escape, special_tokens)), text) if special_tokens else [text]
-    return [chunk for part in parts for chunk in split.findall(part)]
+    return [chunk for part in parts for chunk in pre_split(part, pattern)]
 
 
 def merges_wanted(vocab_size, special_tokens):
@@ -252,7 +255,7 @@ class BPETokenizer(Tokenizer):
         self.ranks = {pair: 256 + i for i, pair in enumerate(self.merges)}  # an earlier merge has a lower id
         specials = "|".join(map(re.escape, self.special_tokens))
         self.special_split = re.compile(f"({specials})") if specials else None
-        self.cache = {}  # chunk -> its ids: real text repeats the same words again and again
+        self.cache = {}  # chunk -> its ids (encode_chunks): real text repeats the same words again and again
 
     # -- training --------------------------------------------------------------------------------------------
 
@@ -276,9 +279,12 @@ class BPETokenizer(Tokenizer):
     @classmethod
     def train(cls, text, vocab_size, special_tokens=(ENDOFTEXT,), pattern=GPT2_PATTERN):
         """The merges of train_naive, learned fast. Each distinct chunk is counted once (equal chunks merge
-        alike), and a merge updates only the counts of the pairs it touches, in the words that hold it."""
+        alike), and a merge updates only the counts of the pairs it touches, in the words that hold it. `text` may
+        also be an iterable of texts, each pre-split on its own (prepare.py streams a corpus so)."""
         n_merges = merges_wanted(vocab_size, special_tokens)
-        chunks = Counter(chunks_of(text, special_tokens, pattern))
+        chunks = Counter()
+        for part in [text] if isinstance(text, str) else text:
+            chunks.update(chunks_of(part, special_tokens, pattern))
         words = [list(chunk.encode("utf-8", "surrogatepass")) for chunk in chunks]
         freqs = list(chunks.values())
 
@@ -325,26 +331,18 @@ class BPETokenizer(Tokenizer):
 
     def encode_chunk(self, chunk):
         """The ids of one pre-split chunk: its bytes, then the earliest-learned merge, again and again."""
-        ids = self.cache.get(chunk)
-        if ids is None:
-            ids = apply_merges([self.byte_ids[b] for b in chunk.encode("utf-8", "surrogatepass")], self.ranks)
-            if len(self.cache) > 200_000:  # bound the memory on endless, varied text
-                self.cache.clear()
-            self.cache[chunk] = ids
-        return ids
+        return apply_merges([self.byte_ids[b] for b in chunk.encode("utf-8", "surrogatepass")], self.ranks)
 
     def encode(self, text, allowed_special=False):
         """Text -> ids. With allowed_special=True a special token written in the text (like <|endoftext|>)
         becomes its one id; by default it is encoded as plain text, so that no user text can forge one."""
         parts = self.special_split.split(text) if allowed_special and self.special_split else [text]
-        split = compile_pattern(self.pattern)
         ids = []
         for i, part in enumerate(parts):
             if i % 2:  # re.split puts the separators it captured at the odd places
                 ids.append(self.special_tokens[part])
-                continue
-            for chunk in split.findall(part):
-                ids.extend(self.encode_chunk(chunk))
+            else:  # each chunk's ids, encode_chunk's, remembered for the next time the chunk comes (below)
+                ids.extend(encode_chunks(self, pre_split(part, self.pattern)))
         return ids
 
     def decode_bytes(self, ids):
@@ -354,6 +352,37 @@ class BPETokenizer(Tokenizer):
         return {"type": "bpe", "pattern": self.pattern, "byte_order": list(self.byte_order),
                 "merges": [list(p) for p in self.merges], "special_tokens": dict(self.special_tokens)}
 
+
+# -----------------------------------------------------------------------------
+# Speed: the same ids, faster. Encoding spends its time in two places, and each has a shortcut that changes no id.
+#
+# The pre-split: Python's `re` tests a character against a class's code points below U+10000 with one table look-up,
+# but against the ranges above it (\p{L} has about 480 of them) one by one, for every character the class rejects.
+# Text with no such code point (no emoji, no rare scripts) is split with classes that leave those ranges out: the
+# same chunks, five times as fast.
+#
+# The merges: most chunks of real text are words seen before. Each distinct chunk of a text is merged once, with
+# encode_chunk, and kept in the tokenizer's cache; the ids of the whole text are then look-ups, chained together.
+
+ASTRAL = re.compile("[\U00010000-\U0010ffff]")  # any code point past U+FFFF
+CACHE_LIMIT = 200_000  # chunks kept: the memory stays bounded on endless, varied text
+
+
+def pre_split(text, pattern=GPT2_PATTERN):
+    """findall(text) of the pattern compile_pattern(pattern) gives, without the ranges `text` has no use for."""
+    return compile_pattern(pattern, astral=ASTRAL.search(text) is not None).findall(text)
+
+
+def encode_chunks(tok, chunks):
+    """tok.encode_chunk(chunk) for each chunk, in order, as one iterator of ids."""
+    cache = tok.cache
+    new = set(chunks).difference(cache)
+    if len(cache) + len(new) > CACHE_LIMIT:  # start afresh, keeping only this text's chunks
+        cache.clear()
+        new = set(chunks)
+    for chunk in new:
+        cache[chunk] = tok.encode_chunk(chunk)
+    return itertools.chain.from_iterable(map(cache.__getitem__, chunks))
 
 
 # -----------------------------------------------------------------------------

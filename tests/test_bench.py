@@ -127,3 +127,25 @@ def test_bench_batch_times_prompts_together_and_one_at_a_time(corpus):
         together, alone = float(together.replace(",", "")), float(alone.replace(",", ""))
         assert abs(together / alone - float(ratio)) <= together / alone * (0.5 / together + 0.5 / alone) * 1.01 + 0.05
     assert one_error_line(run_script("bench.py", "--what=batch", "--batches=0", cwd=corpus)).endswith("like 1,8,32")
+
+
+def test_bench_tokenize_on_a_corpus_times_each_worker_count_and_a_killed_run(tmp_path):
+    import json
+
+    from conftest import GPT2_TIKTOKEN, shared_file, small_text
+
+    with open(tmp_path / "docs.jsonl", "w", encoding="utf-8") as f:
+        for i in range(300):
+            f.write(json.dumps({"text": small_text(5 + i % 7)}) + "\n")
+    result = run_script("bench.py", "--what=tokenize", f"--gpt2_vocab={shared_file(GPT2_TIKTOKEN)}",
+                        "--corpus=docs.jsonl", "--workers=1", "--kill_after=0.1", "--", "--shard_tokens=5000",
+                        cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].endswith("MB of documents, the best of 1 round(s)"), result.stdout
+    assert "tiktoken, one process:" in lines[1] and re.search(r"ours, one process: .* MB/s, [\d.]+x tiktoken", lines[2])
+    assert lines[3].strip().startswith("prepare.py --workers=1:") and "the run that resumed it:" in lines[4]
+    for line in lines[3:]:  # the largest process is a Python with numpy and GPT-2's tables: tens of MiB, not a few
+        m = re.search(r"([\d.]+) s wall, +([\d.]+) MB/s \( *([\d.]+) MB/s past start-up\), largest process "
+                      r"([\d,]+) MiB peak RSS", line)
+        assert m and float(m[1]) > 0 and float(m[3]) >= float(m[2]) > 0 and int(m[4].replace(",", "")) > 20, line

@@ -351,3 +351,75 @@ def test_samples_at_each_evaluation_leave_the_run_exactly_as_it_was(script, corp
     assert capsys.readouterr().out.count("a sample") == 4  # steps 0, 4, 8 and 12
     a, b = (torch.load(corpus / d / "last.pt", weights_only=True) for d in ("quiet", "talking"))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+# -----------------------------------------------------------------------------
+# HellaSwag
+
+HELLASWAG = [  # in the format of rowanz/hellaswag's hellaswag_val.jsonl: the first is its documented example
+    {"ind": 24, "activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.", "ctx_b": "he",
+     "ctx": "A man is sitting on a roof. he", "split": "val", "split_type": "indomain", "label": 3,
+     "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.", "is holding a rubik's cube.",
+                 "starts pulling up roofing on a roof."], "source_id": "activitynet~v_-JhWjGDPHMY"},
+    {"ind": 92, "activity_label": "Baking cookies", "ctx_a": "A woman mixes flour and sugar in a bowl.",
+     "ctx_b": "she", "ctx": "A woman mixes flour and sugar in a bowl. she", "split": "val", "split_type": "zeroshot",
+     "label": 0, "endings": ["cracks two eggs into it.", "paints the fence", "drives away quickly, honking.", "sings"],
+     "source_id": "made-up~1"},
+    {"ind": 7, "activity_label": "Long context", "ctx_a": "word " * 70, "ctx_b": "then", "ctx": "word " * 70 + "then",
+     "split": "val", "split_type": "indomain", "label": 2,  # longer than the model's 64 positions: cut from the left
+     "endings": ["a b c", "stops.", "the end of a very long ending that goes on", "x"], "source_id": "made-up~2"},
+]
+
+
+def reference_hellaswag(hf, enc, questions, block_size):
+    """Each ending's summed and mean loss, one transformers forward pass per ending, tokens from tiktoken."""
+    sums, means = [], []
+    for q in questions:
+        for ending in q["endings"]:
+            context, tail = enc.encode(q["ctx"]), enc.encode(" " + ending)
+            ids = (context + tail)[-(block_size + 1):]
+            with torch.no_grad():
+                logits = hf(torch.tensor([ids[:-1]])).logits[0]  # (T, V)
+            losses = F.cross_entropy(logits, torch.tensor(ids[1:]), reduction="none")[-len(tail):]
+            sums.append(losses.sum().item())
+            means.append(losses.mean().item())
+    return torch.tensor(sums).view(-1, 4), torch.tensor(means).view(-1, 4)
+
+
+def test_hellaswag_scores_endings_as_transformers_does_and_downloads_the_file_once(tmp_path, monkeypatch, capsys):
+    from conftest import gpt2_reference
+    from test_prepare import RangeServer
+
+    hf = random_gpt2(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257)
+    hf.save_pretrained(tmp_path / "random-gpt2", safe_serialization=True)
+    write_vocab_and_merges(gpt2_tokenizer(shared_file(GPT2_TIKTOKEN)), tmp_path / "random-gpt2")
+    questions = HELLASWAG * 2  # 6 questions, 24 rows: several batches at batch_tokens=200
+    for i, q in enumerate(questions):
+        questions[i] = dict(q, label=i % 4)
+    sums, means = reference_hellaswag(hf, gpt2_reference(), questions, 64)
+
+    model, tok, _ = look.load(str(tmp_path / "random-gpt2"), "cpu")
+    r = look.score_hellaswag(model, tok, [(q["ctx"], q["endings"], q["label"]) for q in questions], batch_tokens=200)
+    torch.testing.assert_close(r["sums"], sums.double(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(r["means"], means.double(), rtol=1e-5, atol=1e-4)
+    labels = torch.tensor([q["label"] for q in questions])
+    acc, acc_norm = ((x.argmin(1) == labels).double().mean().item() for x in (sums, means))
+    assert (r["acc"], r["acc_norm"]) == (acc, acc_norm)
+
+    # the command: the file downloaded once, into the cache, and read again from there
+    server = RangeServer("".join(json.dumps(q) + "\n" for q in questions).encode("utf-8"))
+    try:
+        monkeypatch.setattr(look, "HELLASWAG_URL", server.url)
+        monkeypatch.setattr(look, "CACHE_DIR", str(tmp_path / "cache"))
+        monkeypatch.chdir(tmp_path)
+        acc, acc_norm = ((x[:3].argmin(1) == labels[:3]).double().mean().item() for x in (sums, means))
+        for _ in range(2):
+            look.main(["hellaswag", "--init_from=random-gpt2", "--device=cpu", "--limit=3"])
+            assert capsys.readouterr().out.strip() == (f"random-gpt2 on HellaSwag (3 validation questions): "
+                                                       f"acc {acc:.4f}, acc_norm {acc_norm:.4f}")
+        assert server.ranges == [0]  # one request: the second run read the cached file
+        (tmp_path / "bad.jsonl").write_text(json.dumps(dict(HELLASWAG[0], endings=["one"])) + "\n")
+        with pytest.raises(SystemExit, match="bad.jsonl line 1 is not a HellaSwag question"):
+            look.main(["hellaswag", "--init_from=random-gpt2", "--hellaswag=bad.jsonl"])
+    finally:
+        server.httpd.shutdown()

@@ -157,6 +157,28 @@ def test_the_pattern_uses_unicode_classes_not_pythons():
         compile_pattern(r"\p{Lu}+")
 
 
+
+def test_text_with_no_code_point_past_uffff_splits_alike_without_those_ranges():
+    rng = random.Random(1)
+    bmp = [chr(c) for c in range(0x10000)]
+    rng.shuffle(bmp)
+    text = "".join(c + rng.choice([" ", "\n", "1", "a", ".", "'", "  ", ""]) for c in bmp)
+    assert compile_pattern(GPT2_PATTERN, astral=False).findall(text) == compile_pattern(GPT2_PATTERN).findall(text)
+    assert tokenizer.pre_split("a\U0001d400b 1\U0001d7ce") == ["a\U0001d400b", " 1\U0001d7ce"]  # a letter, a digit
+
+
+def test_the_chunk_cache_stays_bounded_and_changes_no_id(bpe, monkeypatch):
+    text = random_corpus(1)
+    expected = bpe.encode(text)
+    monkeypatch.setattr(tokenizer, "CACHE_LIMIT", 50)
+    bpe.cache.clear()
+    for line in text.split("\n"):
+        chunks = tokenizer.pre_split(line)
+        assert bpe.encode(line) == [i for chunk in chunks for i in bpe.encode_chunk(chunk)]  # no cache: plain BPE
+        assert len(bpe.cache) <= max(50, len(set(chunks)))
+    assert bpe.encode(text) == expected
+
+
 # -----------------------------------------------------------------------------
 # GPT-2's tokenizer, compared token for token with tiktoken
 
