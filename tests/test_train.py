@@ -120,9 +120,9 @@ def test_fused_attention_false_trains_an_edited_attend_in_every_block_and_true_i
     plain = weights()
     real, called = gpt.CausalSelfAttention.attend, []
 
-    def edited(self, q, k, v):  # a learner's edit of the lesson: every score at half its size
+    def edited(self, q, k, v, visible=None):  # a learner's edit of the lesson: every score at half its size
         called.append(self)
-        return real(self, q / 2, k, v)
+        return real(self, q / 2, k, v, visible)
 
     monkeypatch.setattr(gpt.CausalSelfAttention, "attend", edited)
     assert all(torch.equal(a, b) for a, b in zip(weights().values(), plain.values())) and not called  # fused
