@@ -43,6 +43,7 @@ import os
 import queue
 import random
 import re
+import signal
 import sys
 import threading
 import time
@@ -154,28 +155,29 @@ def chat(model, tok):
     history = []  # the conversation so far, as token ids
     generator = torch.Generator(model.lm_head.weight.device).manual_seed(seed)
     print(f"{describe(model, tok)}\ntype a text and the model continues it; /help lists the commands")
-    while True:
-        try:
-            line = input("> ")
-        except KeyboardInterrupt:  # Ctrl-C at the prompt: a fresh prompt, as in Python's own
-            print()
-            continue
-        except EOFError:  # Ctrl-D
-            print()
-            return
-        if line.startswith("/"):
-            if not command(line, settings, history, generator):
+    with CtrlC() as ctrl_c:
+        while True:
+            try:
+                line = ctrl_c.input("> ")
+            except KeyboardInterrupt:  # Ctrl-C at the prompt: a fresh prompt, as in Python's own
+                print()
+                continue
+            except EOFError:  # Ctrl-D
+                print()
                 return
-            continue
-        try:
-            history += encode(tok, line)
-        except ValueError as e:
-            print(f"error: {e}")
-            continue
-        if not history:
-            print("type some text first: the model continues what you write")
-            continue
-        reply(model, tok, history, settings, generator)
+            if line.startswith("/"):
+                if not command(line, settings, history, generator):
+                    return
+                continue
+            try:
+                history += encode(tok, line)
+            except ValueError as e:
+                print(f"error: {e}")
+                continue
+            if not history:
+                print("type some text first: the model continues what you write")
+                continue
+            reply(model, tok, history, settings, generator, ctrl_c)
 
 
 def command(line, settings, history, generator):
@@ -205,20 +207,72 @@ def command(line, settings, history, generator):
     return True
 
 
-def reply(model, tok, history, settings, generator):
+def reply(model, tok, history, settings, generator, ctrl_c):
     """Continue the conversation, printing each token's text as it comes, until the length or Ctrl-C."""
     decode = text_decoder(tok)
     text = ""
-    try:
-        for token in tokens(model, history, settings, generator):
-            history.append(token)  # what was shown is part of the conversation, even if stopped
-            piece = decode(token)
-            text += piece
-            print(piece, end="", flush=True)
-    except KeyboardInterrupt:
-        text += " [stopped]"
-        print(" [stopped]", end="")
+    for token in tokens(model, history, settings, generator):
+        if ctrl_c.pressed:  # during the prompt's pass or since the last token: this one is not shown
+            text += " [stopped]"
+            print(" [stopped]", end="")
+            break
+        history.append(token)  # what was shown is part of the conversation, even if stopped
+        piece = decode(token)
+        text += piece
+        print(piece, end="", flush=True)
     print("" if text.endswith("\n") else "\n", end="", flush=True)
+
+
+class CtrlC:
+    """Ctrl-C in the terminal chat: at the prompt, a fresh prompt; during a reply, the reply stops before its next
+    token. It is taken over for the whole conversation, even where chat.py started with SIGINT ignored (as a
+    shell starts a job in the background), and the handlers found come back at the end.
+
+    The handler sets `pressed`, which a reply checks at every token, so no press is lost wherever it lands:
+    inside a torch op (Python runs the handler when the op returns), between tokens, or in code that would
+    swallow an exception. Only inside input() does it raise KeyboardInterrupt, which ends input(). CPython's
+    input() with readline runs handlers only when a signal interrupts its wait for a key; one that lands just
+    before that wait (the prompt drawn, a key being read) would wait for the next key. So while input() runs, a
+    timer interrupts the wait every 0.1 s, and its handler raises for such a press.
+    """
+
+    ticks = hasattr(signal, "setitimer")  # not on Windows, where a Ctrl-C ends the console's read anyway
+
+    def __enter__(self):
+        self.pressed, self.waiting = False, None
+        self.old = {signal.SIGINT: signal.signal(signal.SIGINT, self.on_ctrl_c)}
+        if self.ticks:
+            self.old[signal.SIGALRM] = signal.signal(signal.SIGALRM, self.on_tick)
+            signal.siginterrupt(signal.SIGALRM, False)  # the timer interrupts readline's wait, no read or write
+        return self
+
+    def __exit__(self, *exc):
+        self.tick(0)
+        for signum, handler in self.old.items():
+            signal.signal(signum, handler)
+
+    def on_ctrl_c(self, signum, frame):
+        self.pressed = True
+        self.on_tick(signum, frame)
+
+    def on_tick(self, signum, frame):
+        if self.pressed and self.waiting is not None and frame is self.waiting:  # inside input(): end it
+            raise self.interrupt  # made beforehand: input() may run this again with it set, and a call then fails
+
+    def input(self, prompt):
+        """input(prompt), which a Ctrl-C ends with KeyboardInterrupt."""
+        self.pressed, self.interrupt = False, KeyboardInterrupt()
+        self.waiting = sys._getframe()  # this call's frame, the one handlers see while input() runs
+        self.tick(0.1)
+        try:
+            return input(prompt)
+        finally:
+            self.waiting = None
+            self.tick(0)
+
+    def tick(self, seconds):
+        if self.ticks:
+            signal.setitimer(signal.ITIMER_REAL, seconds, seconds)
 
 
 # -----------------------------------------------------------------------------
