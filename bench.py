@@ -38,7 +38,8 @@ rerun is timed.
 
 Chat (--what=chat) starts the real `python chat.py --web` on a free port with --init_from, then for each number
 of --clients has that many clients send --requests_per_client generations of --max_new_tokens tokens each, all at
-once, and prints requests/s, tokens/s, the failed requests, and the median latency and time to the first token.
+once, and prints requests/s, tokens/s, the failed requests, the median latency and time to the first token, and
+the median and slowest time to connect.
 """
 
 import concurrent.futures
@@ -390,7 +391,7 @@ def bench_chat():
               f"after one request to warm up:")
         chat_request(int(m[1]), seed=0)
         print(f"{'clients':>8s}{'requests':>10s}{'failed':>8s}{'requests/s':>12s}{'tokens/s':>10s}"
-              f"{'latency s':>11s}{'first token s':>15s}")
+              f"{'latency s':>11s}{'first token s':>15s}{'connect s':>12s}{'slowest s':>13s}")
         for n in counts:
             load_chat(int(m[1]), n)
     finally:
@@ -408,16 +409,20 @@ def load_chat(port, n):
         results = [r for rs in pool.map(client, range(n)) for r in rs]
     wall = time.perf_counter() - t0
     done = [r for r in results if r]
+    median = [statistics.median(r[i] for r in done) if done else 0 for i in range(3)]
     print(f"{n:8d}{len(results):10d}{len(results) - len(done):8d}{len(done) / wall:12.2f}"
-          f"{len(done) * max_new_tokens / wall:10,.0f}{statistics.median(r[1] for r in done) if done else 0:11.3f}"
-          f"{statistics.median(r[0] for r in done) if done else 0:15.3f}", flush=True)
+          f"{len(done) * max_new_tokens / wall:10,.0f}{median[2]:11.3f}{median[1]:15.3f}{median[0]:12.4f}"
+          f"{max((r[0] for r in done), default=0):13.4f}", flush=True)
 
 
 def chat_request(port, seed):
-    """One streamed generation: (seconds to its first token, seconds in all), or None if it failed or fell short."""
+    """One streamed generation: (seconds to connect, to its first token, in all), or None if it failed or fell
+    short. Connecting counts: a connection the server's listen queue has no room for waits a second to retry."""
     t0, first, tokens, done = time.perf_counter(), None, 0, False
     try:
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        connection.connect()
+        connected = time.perf_counter() - t0
         body = json.dumps({"prompt": "\n", "length": max_new_tokens, "seed": seed})
         connection.request("POST", "/api/generate", body, {"Content-Type": "application/json"})
         response = connection.getresponse()
@@ -430,7 +435,7 @@ def chat_request(port, seed):
         connection.close()
     except OSError:
         return None
-    return (first, time.perf_counter() - t0) if done and tokens == max_new_tokens else None
+    return (connected, first, time.perf_counter() - t0) if done and tokens == max_new_tokens else None
 
 
 def check_settings():

@@ -15,20 +15,25 @@ to the prompt; Ctrl-D leaves.
 With --web, Python's own http.server serves one page (chat.html, beside this file: no CDN, works offline) and a
 JSON API beside it:
 
-    GET  /api/health     {"status": "ok", "generating": 1, "served": 12, "stopped": 1, "tokens": 2600}
+    GET  /api/health     {"status": "ok", "generating": 1, "served": 12, "stopped": 1, "failed": 0, "tokens": 2600,
+                          "restarts": 0}
     GET  /api/model      what is loaded: name, parameters, block_size, tokenizer, device, defaults and limits
     POST /api/generate   {"prompt": "ROMEO:", "temperature": 0.8, "top_k": 0, "top_p": 1.0, "length": 200,
                           "seed": 7}, Content-Type: application/json -> server-sent events as the tokens are made:
                          data: {"seed": 7, "prompt_tokens": 6}, then one data: {"token": 1, "text": "\\n"} per
-                         token, then data: {"done": true, "tokens": 200, "seconds": 0.4, "tokens_per_s": 500.0}
+                         token, then data: {"done": true, "tokens": 200, "seconds": 0.4, "tokens_per_s": 500.0},
+                         or data: {"error": "..."} if the generation fails
 
 Settings a request leaves out are the server's; without a seed it gets a random one (the first event names it).
-The same prompt, seed and settings give exactly the tokens `python generate.py` gives. A bad request gets HTTP
-400 and a one-line JSON error. Several clients are served at once: one thread runs the model for all of them, a
-token step for each in turn, every generation with its own cache and random generator; a client that goes away
-stops its generation. The model is chosen when the server starts, never by a client; the server listens on
-127.0.0.1 (this machine only) unless --host says otherwise, and only takes JSON POSTs, which a page from another
-site cannot send without a permission (CORS) this server never grants.
+The same prompt, seed and settings give exactly the tokens `python generate.py` gives, and the same values are
+allowed (generate.check_sampling; a temperature below 1e-5 is greedy). A bad request gets HTTP 400 and one line
+of JSON: numbers must be JSON numbers (integers for top_k, length, seed), and the body exactly Content-Length
+bytes. Several clients are served at once: one thread runs the model for all of them, a token step for each in
+turn, every generation with its own cache and random generator; a client that goes away, at any stage, stops its
+generation with one log line. Should the model's thread ever stop, the request it held gets an error and a fresh
+thread serves the next (/api/health counts the restarts). The model is chosen when the server starts, never by a
+client; the server listens on 127.0.0.1 (this machine only) unless --host says otherwise, and only takes JSON
+POSTs, which a page from another site cannot send without a permission (CORS) this server never grants.
 """
 
 import base64
@@ -38,9 +43,11 @@ import os
 import queue
 import random
 import re
+import signal
 import sys
 import threading
 import time
+import traceback
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
@@ -54,11 +61,11 @@ import torch
 
 import configurator
 from configurator import UserError
-from generate import generate, load_for_sampling, text_decoder
+from generate import SAMPLING_RANGES, check_sampling, generate, load_for_sampling, text_decoder
 
 # -----------------------------------------------------------------------------
 init_from = "out/best.pt"  # a checkpoint of train.py's, or GPT-2: gpt2, gpt2-medium, ..., or a GPT-2 folder
-temperature = 0.8  # < 1 sharpens the distribution, > 1 flattens it; 0 always takes the most likely token
+temperature = 0.8  # < 1 sharpens the distribution, > 1 flattens it; 0 (or below 1e-5) takes the most likely token
 top_k = 0  # sample only among the k most likely tokens (0: all)
 top_p = 1.0  # sample only among the most likely tokens whose probabilities add up to p (1.0: all)
 length = 200  # tokens per reply
@@ -76,33 +83,35 @@ fused_attention = True  # attention in one fused kernel; False runs your edited 
 # -----------------------------------------------------------------------------
 
 SAMPLING = ("temperature", "top_k", "top_p", "length", "seed")  # what a command or a request may change
+INTEGERS = ("top_k", "length", "seed")  # the others are numbers
 
 
-def limits():
-    """For each setting in SAMPLING: its type, the test of a value, and the allowed values in words."""
-    return {
-        "temperature": (float, lambda v: 0 <= v <= 100, "from 0 (greedy) to 100"),
-        "top_k": (int, lambda v: 0 <= v <= 1_000_000, "from 0 (no limit) to 1000000"),
-        "top_p": (float, lambda v: 0 < v <= 1, "above 0 and at most 1 (1: no limit)"),
-        "length": (int, lambda v: 1 <= v <= max_length, f"from 1 to {max_length} (--max_length)"),
-        "seed": (int, lambda v: 0 <= v < 2**63, "from 0 to 2**63 - 1"),
-    }
+def ranges():
+    """Each setting in SAMPLING: (the test of a value, the allowed values in words); generate.py's for sampling."""
+    return SAMPLING_RANGES | {"length": (lambda v: 1 <= v <= max_length, f"from 1 to {max_length} (--max_length)"),
+                              "seed": (lambda v: 0 <= v < 2**63, "from 0 to 2**63 - 1")}
 
 
 def checked(name, value):
-    """A value for setting `name`, or ValueError saying what is allowed. Text (from a command) is parsed first."""
-    kind, test, allowed = limits()[name]
-    words = "an integer" if kind is int else "a number"
-    if isinstance(value, str):
-        try:
-            value = kind(value)
-        except ValueError:
-            raise ValueError(f"{name} must be {words}, got {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and isinstance(value, float)):
-        raise ValueError(f"{name} must be {words}, got {json.dumps(value)[:40]}")
-    if not test(value):  # NaN fails every test
-        raise ValueError(f"{name}={value} is out of range: give {allowed}")
-    return kind(value)
+    """`value` for setting `name` if it is a number (an integer for INTEGERS; a bool or a string is neither) in
+    the setting's range, as a float or an int; else ValueError saying what is allowed."""
+    integer = name in INTEGERS
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        raise ValueError(f"{name} must be {'an integer' if integer else 'a number'}, got {json.dumps(value)[:40]}")
+    try:
+        check_sampling(name, value, ranges())
+    except UserError as e:
+        raise ValueError(str(e)) from None
+    return value if integer else float(value)
+
+
+def parsed(name, text):
+    """The value a command's text gives setting `name` (/length 100, /temperature 0.7), checked."""
+    try:
+        value = int(text) if name in INTEGERS else float(text)
+    except ValueError:
+        raise ValueError(f"{name} must be {'an integer' if name in INTEGERS else 'a number'}, got {text!r}") from None
+    return checked(name, value)
 
 
 def encode(tok, text):
@@ -147,28 +156,29 @@ def chat(model, tok):
     history = []  # the conversation so far, as token ids
     generator = torch.Generator(model.lm_head.weight.device).manual_seed(seed)
     print(f"{describe(model, tok)}\ntype a text and the model continues it; /help lists the commands")
-    while True:
-        try:
-            line = input("> ")
-        except KeyboardInterrupt:  # Ctrl-C at the prompt: a fresh prompt, as in Python's own
-            print()
-            continue
-        except EOFError:  # Ctrl-D
-            print()
-            return
-        if line.startswith("/"):
-            if not command(line, settings, history, generator):
+    with CtrlC() as ctrl_c:
+        while True:
+            try:
+                line = ctrl_c.input("> ")
+            except KeyboardInterrupt:  # Ctrl-C at the prompt: a fresh prompt, as in Python's own
+                print()
+                continue
+            except EOFError:  # Ctrl-D
+                print()
                 return
-            continue
-        try:
-            history += encode(tok, line)
-        except ValueError as e:
-            print(f"error: {e}")
-            continue
-        if not history:
-            print("type some text first: the model continues what you write")
-            continue
-        reply(model, tok, history, settings, generator)
+            if line.startswith("/"):
+                if not command(line, settings, history, generator):
+                    return
+                continue
+            try:
+                history += encode(tok, line)
+            except ValueError as e:
+                print(f"error: {e}")
+                continue
+            if not history:
+                print("type some text first: the model continues what you write")
+                continue
+            reply(model, tok, history, settings, generator, ctrl_c)
 
 
 def command(line, settings, history, generator):
@@ -186,7 +196,7 @@ def command(line, settings, history, generator):
         print(", ".join(f"{k} = {v}" for k, v in settings.items()))
     elif name in settings:
         try:
-            settings[name] = checked(name, value) if value else settings[name]  # no value: just show it
+            settings[name] = parsed(name, value) if value else settings[name]  # no value: just show it
         except ValueError as e:
             print(f"error: {e}")
             return True
@@ -198,20 +208,72 @@ def command(line, settings, history, generator):
     return True
 
 
-def reply(model, tok, history, settings, generator):
+def reply(model, tok, history, settings, generator, ctrl_c):
     """Continue the conversation, printing each token's text as it comes, until the length or Ctrl-C."""
     decode = text_decoder(tok)
     text = ""
-    try:
-        for token in tokens(model, history, settings, generator):
-            history.append(token)  # what was shown is part of the conversation, even if stopped
-            piece = decode(token)
-            text += piece
-            print(piece, end="", flush=True)
-    except KeyboardInterrupt:
-        text += " [stopped]"
-        print(" [stopped]", end="")
+    for token in tokens(model, history, settings, generator):
+        if ctrl_c.pressed:  # during the prompt's pass or since the last token: this one is not shown
+            text += " [stopped]"
+            print(" [stopped]", end="")
+            break
+        history.append(token)  # what was shown is part of the conversation, even if stopped
+        piece = decode(token)
+        text += piece
+        print(piece, end="", flush=True)
     print("" if text.endswith("\n") else "\n", end="", flush=True)
+
+
+class CtrlC:
+    """Ctrl-C in the terminal chat: at the prompt, a fresh prompt; during a reply, the reply stops before its next
+    token. It is taken over for the whole conversation, even where chat.py started with SIGINT ignored (as a
+    shell starts a job in the background), and the handlers found come back at the end.
+
+    The handler sets `pressed`, which a reply checks at every token, so no press is lost wherever it lands:
+    inside a torch op (Python runs the handler when the op returns), between tokens, or in code that would
+    swallow an exception. Only inside input() does it raise KeyboardInterrupt, which ends input(). CPython's
+    input() with readline runs handlers only when a signal interrupts its wait for a key; one that lands just
+    before that wait (the prompt drawn, a key being read) would wait for the next key. So while input() runs, a
+    timer interrupts the wait every 0.1 s, and its handler raises for such a press.
+    """
+
+    ticks = hasattr(signal, "setitimer")  # not on Windows, where a Ctrl-C ends the console's read anyway
+
+    def __enter__(self):
+        self.pressed, self.waiting = False, None
+        self.old = {signal.SIGINT: signal.signal(signal.SIGINT, self.on_ctrl_c)}
+        if self.ticks:
+            self.old[signal.SIGALRM] = signal.signal(signal.SIGALRM, self.on_tick)
+            signal.siginterrupt(signal.SIGALRM, False)  # the timer interrupts readline's wait, no read or write
+        return self
+
+    def __exit__(self, *exc):
+        self.tick(0)
+        for signum, handler in self.old.items():
+            signal.signal(signum, handler)
+
+    def on_ctrl_c(self, signum, frame):
+        self.pressed = True
+        self.on_tick(signum, frame)
+
+    def on_tick(self, signum, frame):
+        if self.pressed and self.waiting is not None and frame is self.waiting:  # inside input(): end it
+            raise self.interrupt  # made beforehand: input() may run this again with it set, and a call then fails
+
+    def input(self, prompt):
+        """input(prompt), which a Ctrl-C ends with KeyboardInterrupt."""
+        self.pressed, self.interrupt = False, KeyboardInterrupt()
+        self.waiting = sys._getframe()  # this call's frame, the one handlers see while input() runs
+        self.tick(0.1)
+        try:
+            return input(prompt)
+        finally:
+            self.waiting = None
+            self.tick(0)
+
+    def tick(self, seconds):
+        if self.ticks:
+            signal.setitimer(signal.ITIMER_REAL, seconds, seconds)
 
 
 # -----------------------------------------------------------------------------
@@ -225,41 +287,68 @@ class Server(ThreadingHTTPServer):
     daemon_threads = True  # Ctrl-C does not wait for open streams
 
     def __init__(self, address, model, tok):
+        # connections waiting to be accepted: room for a burst of clients at once (socketserver's 5 drops some)
+        self.request_queue_size = max(128, 2 * max_streams)
         super().__init__(address, Handler)
         self.model, self.tok = model, tok
         self.inbox = queue.SimpleQueue()  # new generations, for the model's thread
-        self.lock = threading.Lock()  # guards the counts
-        self.counts = {"generating": 0, "served": 0, "stopped": 0, "tokens": 0}
+        self.lock = threading.Lock()  # guards the counts and the model's thread
+        self.counts = {"generating": 0, "served": 0, "stopped": 0, "failed": 0, "tokens": 0, "restarts": 0}
         weight = model.lm_head.weight
         self.info = {"init_from": init_from, "parameters": model.num_params(), "block_size": model.config.block_size,
                      "vocab_size": tok.vocab_size, "tokenizer": type(tok).__name__, "device": str(weight.device),
                      "dtype": str(weight.dtype).removeprefix("torch."),
                      "defaults": {name: globals()[name] for name in SAMPLING if name != "seed"},
-                     "limits": {"max_prompt": max_prompt, "max_length": max_length}}
-        threading.Thread(target=self.run_model, daemon=True).start()
+                     "limits": {"max_prompt": max_prompt, "max_length": max_length, "max_streams": max_streams}}
+        self.model_thread, self.model_failure = None, ""
+        self.model_thread_running()
+
+    def model_thread_running(self):
+        """True if the model's thread is running. If it has stopped (only a bug, or an exception sent into it, can
+        stop it), start a fresh one for the generations to come and return False."""
+        with self.lock:
+            if self.model_thread is not None and self.model_thread.is_alive():
+                return True
+            if self.model_thread is not None:
+                self.counts["restarts"] += 1
+                print(f"the model's thread stopped ({self.model_failure}); a new one takes the next generations",
+                      file=sys.stderr, flush=True)
+            self.model_thread = threading.Thread(target=self.run_model, daemon=True)
+            self.model_thread.start()
+            return False
 
     def run_model(self):
         """Take the running generations in turn, one token step each, and hand each token to its request's queue
-        (None at the end). One thread owns the model: a step never waits for another, and PyTorch keeps one set
-        of worker threads rather than one per request, which on a small CPU only compete."""
-        running = []
-        while True:
-            if not running:
-                running.append(self.inbox.get())  # nothing to do: wait for a generation
-            while not self.inbox.empty():
-                running.append(self.inbox.get())
-            for job in list(running):
-                try:
-                    token = None if job.stop else next(job.steps, None)
-                except Exception as e:  # a failure ends that generation (its request re-raises it), not the server
-                    token = e
-                job.tokens.put(token)
-                if token is None or isinstance(token, Exception):
-                    running.remove(job)
-                    job.steps.close()
-                else:
-                    with self.lock:
-                        self.counts["tokens"] += 1
+        (None at the end, or the exception that ended it). One thread owns the model: a step never waits for
+        another, and PyTorch keeps one set of worker threads rather than one per request, which on a small CPU
+        only compete."""
+        try:
+            running = []
+            while True:
+                if not running:
+                    running.append(self.inbox.get())  # nothing to do: wait for a generation
+                while not self.inbox.empty():
+                    running.append(self.inbox.get())
+                for job in list(running):
+                    try:
+                        token = None if job.stop else next(job.steps, None)
+                    except BaseException as e:  # a failure ends that generation, with an error to its client
+                        if not isinstance(e, UserError):  # not a user's mistake: a bug, which the log shows
+                            traceback.print_exception(e)
+                        token = e
+                    job.tokens.put(token)
+                    if token is None or isinstance(token, BaseException):
+                        running.remove(job)
+                        job.steps.close()
+                    else:
+                        with self.lock:
+                            self.counts["tokens"] += 1
+        except BaseException as e:  # the thread ends; the requests waiting on it notice (Handler.next_token)
+            self.model_failure = named(e)
+
+    def handle_error(self, request, client_address):  # what a request's thread left unhandled: a traceback,
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):  # but a client leaving is no news
+            super().handle_error(request, client_address)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -268,14 +357,33 @@ class Handler(BaseHTTPRequestHandler):
     timeout = 60  # seconds a client may stall a read or a write before it counts as gone
     server_version, sys_version = "chat.py", ""  # the Server header names no Python version
 
+    def handle_one_request(self):
+        """http.server's reading and answering of one request, logged in one line when it ends, and quiet when the
+        client hangs up at any stage: before sending anything, within its headers or body, or before reading the
+        answer. (Its thread then ends, which closes the connection.)"""
+        self.status, self.note = None, ""
+        try:
+            super().handle_one_request()
+        except (ConnectionError, TimeoutError):  # hung up (BrokenPipe, ConnectionReset) or stalled past `timeout`
+            self.close_connection = True
+            self.note = self.note or "the client went away"
+        if self.status or self.note:
+            line = f'"{getattr(self, "requestline", "")[:200]}" {self.status or "-"}'
+            self.log_message("%s", f"{line}: {self.note}" if self.note else line)
+
+    def log_request(self, code="-", size="-"):  # http.server calls this as it sends the status: kept for the
+        self.status = getattr(code, "value", code)  # one line that handle_one_request logs at the end
+
     def do_GET(self):
         path = self.path.split("?")[0]
         if path == "/":
             self.send(200, PAGE.encode(), "text/html; charset=utf-8", {"Content-Security-Policy": CSP})
         elif path == "/api/health":
+            running = self.server.model_thread_running()
             with self.server.lock:
                 counts = dict(self.server.counts)
-            self.send_json(200, {"status": "ok", **counts})
+            stopped = f"restarted the model's thread, which had stopped ({self.server.model_failure})"
+            self.send_json(200, {"status": "ok" if running else stopped, **counts})
         elif path == "/api/model":
             self.send_json(200, self.server.info)
         else:
@@ -288,8 +396,6 @@ class Handler(BaseHTTPRequestHandler):
             ids, settings = read_request(self.headers, self.rfile, self.server.tok)
         except ValueError as e:
             return self.send_json(400, {"error": str(e)})
-        except OSError:  # the client stalled or left while sending
-            return
         with self.server.lock:
             busy = self.server.counts["generating"] >= max_streams
             self.server.counts["generating"] += not busy
@@ -304,6 +410,8 @@ class Handler(BaseHTTPRequestHandler):
         generator = torch.Generator(server.model.lm_head.weight.device).manual_seed(settings["seed"])
         job = SimpleNamespace(steps=tokens(server.model, ids, settings, generator), tokens=queue.SimpleQueue(),
                               stop=False)  # each generation has its own cache and random generator
+        server.model_thread_running()
+        job.thread = server.model_thread  # the thread that takes it from the inbox
         server.inbox.put(job)
         decode, made, outcome, t0 = text_decoder(server.tok), 0, "stopped", time.perf_counter()
         try:
@@ -312,22 +420,34 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Cache-Control", "no-store")
             self.end_headers()
             self.event({"seed": settings["seed"], "prompt_tokens": len(ids)})
-            for token in iter(job.tokens.get, None):
-                if isinstance(token, Exception):
-                    raise token
+            while isinstance(token := self.next_token(job), int):
                 made += 1
                 self.event({"token": token, "text": decode(token)})
-            seconds = time.perf_counter() - t0
-            self.event({"done": True, "tokens": made, "seconds": round(seconds, 3),
-                        "tokens_per_s": round(made / seconds, 1)})
-            outcome = "served"
+            if token is None:
+                seconds = time.perf_counter() - t0
+                self.event({"done": True, "tokens": made, "seconds": round(seconds, 3),
+                            "tokens_per_s": round(made / seconds, 1)})
+                outcome = "served"
+            else:
+                outcome, self.note = "failed", f"failed after {made} tokens: {failure(token)}"
+                self.event({"error": failure(token)})
         except (ConnectionError, TimeoutError):  # the client left (or stalled): stop its generation
-            self.log_message("stopped after %d tokens: the client went away", made)
+            self.note = f"stopped after {made} tokens: the client went away"
         finally:
             job.stop = True  # the model's thread drops it at its next turn, if it is still running
             with server.lock:
                 server.counts["generating"] -= 1
                 server.counts[outcome] += 1
+
+    def next_token(self, job):
+        """The job's next token from the model's thread: an int, None at its end, or the exception that ended it."""
+        while True:
+            try:
+                return job.tokens.get(timeout=1)
+            except queue.Empty:  # a long step, or a thread that has stopped and will never answer
+                if not job.thread.is_alive():
+                    self.server.model_thread_running()  # a fresh thread for the generations to come
+                    return RuntimeError("the model's thread stopped; send the request again")
 
     def event(self, data):
         self.wfile.write(f"data: {json.dumps(data)}\n\n".encode())
@@ -347,20 +467,40 @@ class Handler(BaseHTTPRequestHandler):
 
     def send_error(self, code, message=None, explain=None):  # http.server's own errors (a malformed request line,
         self.close_connection = True  # an unknown method) as one-line JSON too
-        self.send_json(code, {"error": message or HTTPStatus(code).phrase})
+        self.send_json(code, {"error": (message or HTTPStatus(code).phrase)[:200]})
+
+
+def failure(error):
+    """What ended a generation, in one line for its client: a UserError's message, or the exception."""
+    text = str(error) if isinstance(error, UserError) else f"the generation failed: {named(error)}"
+    return " ".join(text.split())[:300]
+
+
+def named(error):
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
 def read_request(headers, body, tok):
     """A POST /api/generate -> (the prompt's token ids, the settings); ValueError with a one-line reason if bad."""
     if headers.get_content_type() != "application/json":
         raise ValueError('send the request as JSON, with "Content-Type: application/json"')
-    size = headers.get("Content-Length", "")
     most = 12 * max_prompt + 1000  # one character is at most 12 bytes of JSON (an escaped surrogate pair)
-    if not size.isdigit() or int(size) > most:
+    sizes = headers.get_all("Content-Length") or []
+    if headers.get("Transfer-Encoding") or len(sizes) != 1:
+        raise ValueError(f"send the body with one Content-Length header of at most {most} bytes (prompts: at most "
+                         f"{max_prompt} characters), and no Transfer-Encoding")
+    size = sizes[0].strip()
+    if not re.fullmatch("[0-9]+", size):
+        raise ValueError(f"the Content-Length must be a number of bytes, got {size[:20]!r}")
+    if len(size) > 12 or int(size) > most:
         raise ValueError(f"the request needs a Content-Length of at most {most} bytes (prompts: at most "
                          f"{max_prompt} characters)")
+    data = body.read(int(size))
+    if len(data) < int(size):
+        raise ValueError(f"the body ended after {len(data)} of the {size} bytes its Content-Length promised; "
+                         f"send all of them")
     try:
-        request = json.loads(body.read(int(size)))
+        request = json.loads(data)
     except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested too deep
         raise ValueError('the request is not JSON; send an object like {"prompt": "ROMEO:", "length": 100}')
     if not isinstance(request, dict):

@@ -50,6 +50,25 @@ fused_attention = True  # attention in one fused kernel; False samples with your
 # -----------------------------------------------------------------------------
 
 
+# The sampling settings' allowed values, written once: generate.py's flags, chat.py's commands and its web API all
+# check them with check_sampling(). Within them every distribution the sampler draws from is finite.
+SAMPLING_RANGES = {  # setting: (the test of a value, the allowed values in words); NaN fails every test
+    "temperature": (lambda v: 0 <= v <= 100, "from 0 (greedy) to 100"),
+    "top_k": (lambda v: 0 <= v <= 1_000_000, "from 0 (no limit) to 1000000"),
+    "top_p": (lambda v: 0 < v <= 1, "above 0 and at most 1 (1: no limit)"),
+}
+GREEDY_BELOW = 1e-5  # a smaller temperature samples as 0 does: see sample_next
+
+
+def check_sampling(name, value, ranges=SAMPLING_RANGES):
+    """`value` if the setting `name` allows it, else UserError saying which values it allows."""
+    test, allowed = ranges[name]
+    if not test(value):
+        shown = str(value) if len(str(value)) <= 24 else str(value)[:20] + "..."  # not all of a 4000-digit number
+        raise UserError(f"{name}={shown} is out of range: give {allowed}")
+    return value
+
+
 def next_token_probs(logits, temperature=1.0, top_k=0, top_p=1.0):
     """Logits (B, V) -> the distribution (B, V) to sample the next token from, after temperature, top-k, top-p."""
     logits = logits.float()
@@ -61,15 +80,23 @@ def next_token_probs(logits, temperature=1.0, top_k=0, top_p=1.0):
     if top_p < 1.0:  # keep the smallest set of most likely tokens whose probabilities reach top_p
         sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
         above = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # the mass ranked above each token
-        sorted_probs[above >= top_p] = 0.0  # the most likely token always stays: nothing is above it
+        drop = above >= top_p  # (B, V), compared in float32, where a top_p below 1.4e-45 is 0
+        drop[..., 0] = False  # the most likely token always stays, however small top_p is
+        sorted_probs[drop] = 0.0
         sorted_probs /= sorted_probs.sum(dim=-1, keepdim=True)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     return probs
 
 
 def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
-    """The next token (B, 1) for each row of logits (B, V): the most likely one if temperature is 0, else drawn."""
-    if temperature == 0:
+    """The next token (B, 1) for each row of logits (B, V): the most likely one if temperature is 0, else drawn.
+
+    A temperature below GREEDY_BELOW counts as 0. At 1e-5 a token other than the most likely one keeps a chance
+    above 1e-9 only if its logit is within 2e-4 of the top one: closer than float32 rounding in the forward pass
+    tells apart, so it is greedy in effect. (Far smaller ones, below float32's smallest number, 1.4e-45, are 0 in
+    float32, and dividing the logits by them would make the distribution NaN.)
+    """
+    if temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1, keepdim=True)
     probs = next_token_probs(logits, temperature, top_k, top_p)
     try:
@@ -287,12 +314,11 @@ def main(args):
     if prompts and "prompt" in overridden:
         raise UserError("give --prompt or --prompts, not both")
     configurator.check_seed(seed)
-    if temperature < 0:
-        raise UserError(f"--temperature={temperature} must be >= 0 (0 means greedy)")
-    if top_k < 0:
-        raise UserError(f"--top_k={top_k} must be >= 0 (0 means no limit)")
-    if not 0 < top_p <= 1:
-        raise UserError(f"--top_p={top_p} must be in (0, 1] (1 means no limit)")
+    for name in SAMPLING_RANGES:
+        try:
+            check_sampling(name, globals()[name])
+        except UserError as e:
+            raise UserError(f"--{e}") from None
     text = read_prompts(prompts) if prompts else prompt
     if isinstance(text, str) and text.startswith("FILE:"):
         try:

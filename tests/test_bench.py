@@ -83,9 +83,9 @@ def test_bench_chat_loads_a_real_server_and_every_request_comes_back_complete(tm
     assert result.returncode == 0, result.stderr
     rows = [line.split() for line in result.stdout.splitlines() if re.fullmatch(r" *\d+ +\d+ +\d+ .*", line)]
     assert [row[:3] for row in rows] == [["1", "2", "0"], ["3", "6", "0"]], result.stdout  # no failed request
-    for clients, requests, failed, per_s, tokens_per_s, latency, first in rows:
+    for clients, requests, failed, per_s, tokens_per_s, latency, first, connect, slowest in rows:
         assert abs(float(tokens_per_s.replace(",", "")) - 20 * float(per_s)) <= 0.02 * 20 * float(per_s) + 1
-        assert 0 <= float(first) <= float(latency)
+        assert 0 <= float(connect) <= float(first) <= float(latency) and float(connect) <= float(slowest)
     assert one_error_line(run_script("bench.py", "--what=chat", "--init_from=none.pt", cwd=tmp_path)).startswith(
         "error: no checkpoint at none.pt")
 

@@ -13,6 +13,7 @@ import dataclasses
 import http.client
 import json
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -27,11 +28,13 @@ import chat
 import configurator
 from generate import generate, load_for_sampling
 from gpt import GPT, GPTConfig
-from tokenizer import CharTokenizer
+from tokenizer import BPETokenizer, CharTokenizer
 
 PRINTABLE = "\n" + "".join(chr(i) for i in range(32, 127))  # printable ASCII: HTML's <, >, = and " included
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 INJECTION = "<img src=x onerror=alert(1)>"
+MARKUP = ["<img src=x onerror=alert(1)>", "<script>", "alert(2)", "</script>", "<b>", "</b>", "&amp;", "&lt;", "&gt;",
+          '<a href="javascript:alert(3)">', "</a>", "<!-- -->", "<div>", "\n"]  # HTML, which a page must show as text
 
 
 def tiny_checkpoint(path, chars=PRINTABLE, block_size=32):
@@ -40,6 +43,24 @@ def tiny_checkpoint(path, chars=PRINTABLE, block_size=32):
     model = GPT(GPTConfig(block_size=block_size, vocab_size=len(chars), n_layer=2, n_head=2, n_embd=32))
     torch.save(dict(model=model.state_dict(), model_config=dataclasses.asdict(model.config),
                     tokenizer=CharTokenizer(chars).to_dict()), path)
+    return str(path)
+
+
+def markup_checkpoint(path):
+    """A checkpoint of a GPT whose every next token is one of MARKUP, drawn at random: its BPE makes each of them
+    one token, its final LayerNorm gives out one fixed vector, and the (tied) embedding table turns that into a
+    high logit for those tokens and a low one for all the others."""
+    tok = BPETokenizer.train("".join(MARKUP) * 20, 1000, special_tokens=(), pattern=r"<[^>]*>|&[a-z]+;|[^<&]+|[<&]")
+    ids = [tok.encode(piece) for piece in MARKUP]
+    assert all(len(i) == 1 for i in ids)  # each a token of its own
+    model = GPT(GPTConfig(block_size=32, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16))
+    with torch.no_grad():
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(torch.eye(16)[0])  # every position's output: (1, 0, ..., 0)
+        model.transformer.wte.weight[:, 0] = -10.0
+        model.transformer.wte.weight[[i[0] for i in ids], 0] = 10.0
+    torch.save(dict(model=model.state_dict(), model_config=dataclasses.asdict(model.config),
+                    tokenizer=tok.to_dict()), path)
     return str(path)
 
 
@@ -309,6 +330,34 @@ def test_the_page_shows_the_text_growing_as_it_is_made_and_html_as_plain_text(se
     with pytest.raises(NoAlertPresentException):
         browser.switch_to.alert.text
     assert "tokens" in element("model").text and element("generate").is_enabled()
+
+
+def test_the_page_shows_a_models_markup_as_the_text_it_is(tmp_path, browser):
+    from selenium.common.exceptions import NoAlertPresentException
+    from selenium.webdriver.common.by import By
+
+    model, tok = load_for_sampling(markup_checkpoint(tmp_path / "markup.pt"), "cpu", "float32")
+    expected = tok.decode(reference(model, tok, "<", 300, seed=7, temperature=1.0))
+    assert len(re.findall("<[a-z/!]", expected)) > 100  # tags and comments, to HTML
+    server = chat.Server(("127.0.0.1", 0), model, tok)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        element = open_page(browser, f"http://127.0.0.1:{server.server_port}/", "<", 300)
+        element("temperature").clear()
+        element("temperature").send_keys("1")
+        element("seed").send_keys("7")
+        element("generate").click()
+        for _ in range(600):
+            if "tokens/s (seed 7)" in element("status").text:
+                break
+            time.sleep(0.05)
+        assert element("output").get_attribute("textContent") == "<" + expected
+        assert [e.tag_name for e in browser.find_elements(By.CSS_SELECTOR, "#output *")] == ["span", "span"]
+        with pytest.raises(NoAlertPresentException):
+            browser.switch_to.alert.text
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_the_page_shows_a_bad_request_as_the_servers_one_line(served, browser):

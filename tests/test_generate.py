@@ -3,7 +3,7 @@ import functools
 import pytest
 import torch
 
-from generate import generate, next_token_probs, sample_next, sample_text
+from generate import GREEDY_BELOW, generate, next_token_probs, sample_next, sample_text
 from gpt import GPT, GPTConfig
 from tokenizer import CharTokenizer
 
@@ -69,6 +69,44 @@ def test_sampling_draws_only_from_the_kept_candidates():
     logits = torch.randn(1, 30).repeat(4000, 1)
     drawn = sample_next(logits, temperature=1.5, top_k=5, generator=torch.Generator().manual_seed(0))
     assert set(drawn[:, 0].tolist()) == set(torch.topk(logits[0], 5).indices.tolist())
+
+
+def awkward_logits(V=30):
+    """(6, V) logits of every awkward kind: ordinary, spread wide, all equal, a tie at the top, huge, bf16's."""
+    torch.manual_seed(0)
+    tie = torch.randn(V)
+    tie[3] = tie[7] = tie.max() + 1
+    return torch.stack([torch.randn(V) * 3, torch.randn(V) * 1e4, torch.zeros(V), tie, torch.randn(V) * 1e30,
+                        torch.randn(V).bfloat16().float()])
+
+
+def test_every_allowed_setting_gives_a_finite_distribution_and_a_token_from_it():
+    logits = awkward_logits()
+    top = logits == logits.amax(dim=-1, keepdim=True)  # (6, V) the most likely tokens
+    generator = torch.Generator().manual_seed(0)
+    for temperature in (5e-324, 1e-300, 1e-45, 1e-40, 1e-38, 9.99e-6, 1e-5, 1e-3, 1.0, 100.0):
+        for top_k in (0, 1, 7, 30, 1_000_000):
+            for top_p in (5e-324, 1e-300, 1e-40, 0.5, 1.0):  # 5e-324 and 1e-300: 0 in float32
+                token = sample_next(logits, temperature, top_k, top_p, generator)  # (6, 1)
+                if temperature < GREEDY_BELOW:
+                    assert torch.equal(token[:, 0], logits.argmax(dim=-1))
+                    continue
+                probs = next_token_probs(logits, temperature, top_k, top_p)
+                assert torch.isfinite(probs).all() and (probs >= 0).all()
+                torch.testing.assert_close(probs.sum(dim=-1), torch.ones(len(logits)))
+                assert (probs.gather(1, token) > 0).all()  # drawn from what was kept
+                assert ((probs > 0) & top).any(dim=-1).all()  # which always holds a most likely token
+                if top_p < 1e-30:
+                    assert ((probs == 1) & top).any(dim=-1).all()  # and only that
+
+
+def test_a_temperature_too_small_to_matter_generates_what_greedy_does():
+    model = tiny()
+    prompt = torch.randint(0, 30, (2, 3))
+    greedy = tokens(model, prompt, 20, temperature=0)
+    for temperature in (5e-324, 1e-300, 1e-45, 1e-20, 9.9e-6):
+        drawn = tokens(model, prompt, 20, temperature=temperature, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(drawn, greedy), temperature
 
 
 @pytest.mark.parametrize("prompt_len", [1, 10, 16, 40])
