@@ -487,12 +487,12 @@ def step(model, optimizers, scaler, autocast, train_data, data_rng, it, dev, sto
         scaler.scale(loss).backward()
         loss_sum += loss.detach()
 
-    # stop together: on a signal in any process, or on a non-finite loss (before it reaches the weights)
+    # stop together: on a signal in any process, or on a non-finite loss (before it reaches the weights). What
+    # was agreed here decides, in every process: a signal that lands after it waits for the next step
     flags = torch.tensor([len(stop.signals), 0 if torch.isfinite(loss_sum) else 1], device=dev)
     if DDP:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    if flags[0]:
-        stop.signals.append("another process")
+    stop.agreed = bool(flags[0])
     if flags[1]:
         raise SystemExit(f"error: the loss became {loss_sum.item()} at step {it}; stopped without saving, so "
                          f"{out_dir}/last.pt keeps the last good weights; try a lower --learning_rate or check the data")
@@ -530,10 +530,11 @@ def evaluate(model, data, autocast, dev):
 
 class StopRequests:
     """Ctrl-C (or SIGTERM) asks the loop to stop after the current step and save; a second Ctrl-C quits at once.
-    True once asked; the old handlers come back when the loop ends."""
+    True once every process has agreed to stop (step() sets `agreed`); the old handlers come back when the loop
+    ends."""
 
     def __enter__(self):
-        self.signals = []
+        self.signals, self.agreed = [], False
         self.old = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
@@ -545,7 +546,7 @@ class StopRequests:
         log(f"\ninterrupted: saving {out_dir}/last.pt after this step (Ctrl-C again to quit at once)", file=sys.stderr)
 
     def __bool__(self):
-        return bool(self.signals)
+        return self.agreed
 
     def __exit__(self, *exc):
         for s, handler in self.old.items():
