@@ -26,6 +26,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from contextlib import nullcontext
 from dataclasses import asdict
 
@@ -119,16 +120,18 @@ def main(args):
     ckpt = configure(args)
     dev = start_processes()
     try:
-        train(ckpt, dev)
-        if DDP:
-            dist.barrier()  # finish together: a process that tears down while another still works can crash it
+        stopped = train(ckpt, dev)
+        if DDP:  # finish together, stopped or not: process 0 may still be saving or sampling, and torchrun ends
+            dist.barrier()  # the others as soon as one exits
     finally:
         if DDP:
             dist.destroy_process_group()
+    if stopped:
+        raise SystemExit(130)
 
 
 def train(ckpt, dev):
-    """The run, once the settings and processes are in place."""
+    """The run, once the settings and processes are in place; True if a signal stopped it (last.pt saved)."""
     # data and model
     meta, data = load_dataset()
     torch.manual_seed(seed + RANK)  # dropout differs per process; DDP copies process 0's initial weights to all
@@ -181,13 +184,14 @@ def train(ckpt, dev):
                 save(["last.pt"], raw_model, lora, optimizers, scaler, data_rng, meta, iter_num, best_val_loss,
                      progress.elapsed())
                 log(f"saved {out_dir}/last.pt at step {iter_num}; continue with --init_from=resume")
-                raise SystemExit(130)
+                return True
 
     # the end: how long it took, and a sample of what the model learned
     log(f"done: {iter_num} steps in {progress.elapsed():.1f} s, best val loss {best_val_loss:.4f}, "
         f"{bench.peak_memory(device_type)}", flush=True)
     if MASTER and sample_length > 0:
         print_sample(raw_model, meta, sample_length, fast=True)
+    return False
 
 
 # -----------------------------------------------------------------------------
@@ -606,5 +610,39 @@ def print_sample(model, meta, length, fast=False):
     model.train()
 
 
+def run_process(args):
+    """main(args) in one of torchrun's processes, which then ends with os._exit, whatever happened.
+
+    The interpreter's own shutdown is not safe here. DDP imports torch.distributed.nn, whose functions take the
+    process group as a default argument, so the group and gloo's worker threads outlive destroy_process_group.
+    A worker that is late letting go of a finished collective (on a busy machine) frees tensors that Python made,
+    which needs the GIL; a shutting-down interpreter ends such a thread inside a destructor that may not throw:
+    'terminate called without an active exception', SIGABRT. So every process leaves by this path: once main()
+    has met the others at its barrier (or failed) and torn the group down, it prints what Python would, flushes
+    and exits. An error in another process reaches this one as a lost connection in a collective: one line."""
+    code = 1
+    try:
+        main(args)
+        code = 0
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    except BaseException as e:
+        if isinstance(e, RuntimeError) and "gloo/transport" in str(e):
+            print(f"error: another process of this run stopped (its error is above), so process {RANK} stops too",
+                  file=sys.stderr)
+        else:  # a bug, or Ctrl-C before the loop: reported as Python would
+            traceback.print_exc()
+            code = 130 if isinstance(e, KeyboardInterrupt) else 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    if DDP:
+        run_process(sys.argv[1:])
+    else:
+        main(sys.argv[1:])
