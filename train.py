@@ -26,6 +26,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
@@ -212,7 +213,7 @@ def evaluate(model, data, autocast, dev):
 def train(model, raw_model, optimizers, data, run, dev):
     """The loop: evaluate and save every eval_interval steps and at the end, take one optimizer step, print a
     progress line every log_interval steps. `model` takes the steps (compiled, or wrapped for several processes);
-    `raw_model`, the plain module, is evaluated and saved."""
+    `raw_model`, the plain module, is evaluated and saved. True if Ctrl-C or SIGTERM stopped it (last.pt saved)."""
     autocast = nullcontext() if dtype == "float32" else torch.autocast(dev.split(":")[0], getattr(torch, dtype))
     progress = Progress(raw_model, dev, run)
     with StopRequests() as stop:
@@ -227,7 +228,7 @@ def train(model, raw_model, optimizers, data, run, dev):
                     print_sample(raw_model, run.meta, eval_sample_length)
                 progress.restart(run.iter_num)  # leave evaluation out of the step timing
             if run.iter_num >= max_iters:
-                return
+                return False
             loss = step(model, optimizers, run.scaler, autocast, data["train"], run.data_rng, run.iter_num, dev, stop)
             run.iter_num += 1
             if run.iter_num % log_interval == 0:
@@ -235,7 +236,7 @@ def train(model, raw_model, optimizers, data, run, dev):
             if stop:
                 save(["last.pt"], raw_model, optimizers, run)
                 log(f"saved {out_dir}/last.pt at step {run.iter_num}; continue with --init_from=resume")
-                raise SystemExit(130)
+                return True
 
 
 @configurator.script
@@ -255,11 +256,16 @@ def main(args):
             model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev] if dev.startswith("cuda") else None)
         write_settings(dev)
         start_log(run.iter_num)
-        train(model, raw_model, optimizers, data, run, dev)
-        finish(raw_model, run, dev)
+        stopped = train(model, raw_model, optimizers, data, run, dev)
+        if not stopped:
+            finish(raw_model, run, dev)  # the last line, and a sample
+        if DDP:  # finish together, stopped or not: process 0 may still be saving or sampling, and torchrun ends
+            dist.barrier()  # the others as soon as one exits
     finally:
         if DDP:
             dist.destroy_process_group()
+    if stopped:
+        raise SystemExit(130)
 
 
 # -----------------------------------------------------------------------------
@@ -508,12 +514,12 @@ def report(losses, improved, run):
 
 def stop_together(stop, loss_sum, it, dev):
     """Every process learns whether any of them got a signal or a non-finite loss, so that all stop at the same
-    step: to save, or (for the loss, before it reaches the weights) with an error."""
+    step: to save, or (for the loss, before it reaches the weights) with an error. What is agreed here decides in
+    every process: a signal that lands after it waits for the next step."""
     flags = torch.tensor([len(stop.signals), 0 if torch.isfinite(loss_sum) else 1], device=dev)
     if DDP:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    if flags[0]:
-        stop.signals.append("another process")
+    stop.agreed = bool(flags[0])
     if flags[1]:
         raise UserError(f"the loss became {loss_sum.item()} at step {it}; stopped without saving, so "
                         f"{out_dir}/last.pt keeps the last good weights; try a lower --learning_rate or check the data")
@@ -521,10 +527,11 @@ def stop_together(stop, loss_sum, it, dev):
 
 class StopRequests:
     """Ctrl-C (or SIGTERM) asks the loop to stop after the current step and save; a second Ctrl-C quits at once.
-    True once asked; the old handlers come back when the loop ends."""
+    True once every process has agreed to stop (stop_together sets `agreed`); the old handlers come back when the
+    loop ends."""
 
     def __enter__(self):
-        self.signals = []
+        self.signals, self.agreed = [], False
         self.old = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
@@ -536,7 +543,7 @@ class StopRequests:
         log(f"\ninterrupted: saving {out_dir}/last.pt after this step (Ctrl-C again to quit at once)", file=sys.stderr)
 
     def __bool__(self):
-        return bool(self.signals)
+        return self.agreed
 
     def __exit__(self, *exc):
         for s, handler in self.old.items():
@@ -580,8 +587,6 @@ def finish(model, run, dev):
         f"{mfu.peak_memory(dev.split(':')[0])}", flush=True)
     if MASTER and sample_length > 0:
         print_sample(model, run.meta, sample_length, fast=True)
-    if DDP:
-        dist.barrier()  # finish together: a process that tears down while another still works can crash it
 
 
 def print_sample(model, meta, length, fast=False):
@@ -603,5 +608,39 @@ def print_sample(model, meta, length, fast=False):
     model.train()
 
 
+def run_process(args):
+    """main(args) in one of torchrun's processes, which then ends with os._exit, whatever happened.
+
+    The interpreter's own shutdown is not safe here. DDP imports torch.distributed.nn, whose functions take the
+    process group as a default argument, so the group and gloo's worker threads outlive destroy_process_group.
+    A worker that is late letting go of a finished collective (on a busy machine) frees tensors that Python made,
+    which needs the GIL; a shutting-down interpreter ends such a thread inside a destructor that may not throw:
+    'terminate called without an active exception', SIGABRT. So every process leaves by this path: once main()
+    has met the others at its barrier (or failed) and torn the group down, it prints what Python would, flushes
+    and exits. An error in another process reaches this one as a lost connection in a collective: one line."""
+    code = 1
+    try:
+        main(args)
+        code = 0
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    except BaseException as e:
+        if isinstance(e, RuntimeError) and "gloo/transport" in str(e):
+            print(f"error: another process of this run stopped (its error is above), so process {RANK} stops too",
+                  file=sys.stderr)
+        else:  # a bug, or Ctrl-C before the loop: reported as Python would
+            traceback.print_exc()
+            code = 130 if isinstance(e, KeyboardInterrupt) else 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    if DDP:
+        run_process(sys.argv[1:])
+    else:
+        main(sys.argv[1:])

@@ -105,14 +105,18 @@ def dropout(x, p=0.5, training=True, inplace=False):
         masks.append(((out == 0) & (x != 0)).flatten().tolist())
     return out
 
+def destroy_process_group():  # written here: train.py's processes leave with os._exit once the group is gone
+    with open(f"events{os.environ['RANK']}.json", "w") as f:
+        json.dump(dict(events=events, mask=masks[0]), f)
+    real_destroy()
+
 DistributedDataParallel.__init__, DistributedDataParallel.forward = init, forward
 torch.nn.functional.dropout = dropout
+real_destroy, torch.distributed.destroy_process_group = torch.distributed.destroy_process_group, destroy_process_group
 register_optimizer_step_pre_hook(lambda *args: events.append("step"))
 sys.path.insert(0, os.path.dirname(sys.argv[1]))
 script, sys.argv = sys.argv[1], sys.argv[1:]
 runpy.run_path(script, run_name="__main__")
-with open(f"events{os.environ['RANK']}.json", "w") as f:
-    json.dump(dict(events=events, mask=masks[0]), f)
 """
 
 
