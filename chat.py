@@ -28,9 +28,10 @@ Settings a request leaves out are the server's; without a seed it gets a random 
 The same prompt, seed and settings give exactly the tokens `python generate.py` gives, and the same values are
 allowed (generate.check_sampling; a temperature below 1e-5 is greedy). A bad request gets HTTP 400 and one line
 of JSON: numbers must be JSON numbers (integers for top_k, length, seed), and the body exactly Content-Length
-bytes. Several clients are served at once: one thread runs the model for all of them, a token step for each in
-turn, every generation with its own cache and random generator; a client that goes away, at any stage, stops its
-generation with one log line. Should the model's thread ever stop, the request it held gets an error and a fresh
+bytes. Several clients are served at once, batched: one thread runs the model for all of them, and each forward
+pass makes the next token of every running generation (generate.Batch: a row each, with its own length, cache
+rows, settings and random generator). A new request is read into its row and joins at the next pass; one that
+ends, or whose client goes away at any stage, leaves at once, with one log line. Should the model's thread ever stop, the request it held gets an error and a fresh
 thread serves the next (/api/health counts the restarts). The model is chosen when the server starts, never by a
 client; the server listens on 127.0.0.1 (this machine only) unless --host says otherwise, and only takes JSON
 POSTs, which a page from another site cannot send without a permission (CORS) this server never grants.
@@ -61,7 +62,7 @@ import torch
 
 import configurator
 from configurator import UserError
-from generate import SAMPLING_RANGES, check_sampling, generate, load_for_sampling, text_decoder
+from generate import SAMPLING_RANGES, Batch, check_sampling, generate, load_for_sampling, sample_next, text_decoder
 
 # -----------------------------------------------------------------------------
 init_from = "out/best.pt"  # a checkpoint of train.py's, or GPT-2: gpt2, gpt2-medium, ..., or a GPT-2 folder
@@ -318,33 +319,65 @@ class Server(ThreadingHTTPServer):
             return False
 
     def run_model(self):
-        """Take the running generations in turn, one token step each, and hand each token to its request's queue
-        (None at the end, or the exception that ended it). One thread owns the model: a step never waits for
-        another, and PyTorch keeps one set of worker threads rather than one per request, which on a small CPU
-        only compete."""
+        """Continuous batching: every running generation is a row of one generate.Batch, and one forward pass
+        gives each its next token, which goes to its request's queue (None at the end, or the exception that
+        ended it). A new generation joins between two passes (its prompt read into its row first); a finished or
+        abandoned one leaves at once. One thread owns the model: PyTorch keeps one set of worker threads rather
+        than one per request, which on a small CPU only compete."""
         try:
-            running = []
+            batch, jobs = Batch(self.model, rows=max_streams), []
             while True:
-                if not running:
-                    running.append(self.inbox.get())  # nothing to do: wait for a generation
+                waiting = [self.inbox.get()] if not jobs else []  # nothing to do: wait for a generation
                 while not self.inbox.empty():
-                    running.append(self.inbox.get())
-                for job in list(running):
-                    try:
-                        token = None if job.stop else next(job.steps, None)
-                    except BaseException as e:  # a failure ends that generation, with an error to its client
-                        if not isinstance(e, UserError):  # not a user's mistake: a bug, which the log shows
-                            traceback.print_exception(e)
-                        token = e
-                    job.tokens.put(token)
-                    if token is None or isinstance(token, BaseException):
-                        running.remove(job)
-                        job.steps.close()
+                    waiting.append(self.inbox.get())
+                for job in waiting:
+                    if job.stop:  # its client left before it started
+                        job.tokens.put(None)
                     else:
-                        with self.lock:
-                            self.counts["tokens"] += 1
+                        batch.add(job.ids)
+                        jobs.append(job)
+                if jobs:
+                    self.step(batch, jobs)
         except BaseException as e:  # the thread ends; the requests waiting on it notice (Handler.next_token)
             self.model_failure = named(e)
+
+    def step(self, batch, jobs):
+        """One forward pass for every row, each row's token sampled with its own settings and generator and handed
+        to its request; the rows that end leave the batch (the last row taking each one's place, as in jobs)."""
+        try:
+            with torch.inference_mode():
+                logits = batch.logits()  # (B, V)
+            outcomes = [self.sample(job, logits[i : i + 1]) for i, job in enumerate(jobs)]
+        except BaseException as e:  # the pass itself failed: every generation in it ends with the error
+            traceback.print_exception(e)
+            outcomes = [e] * len(jobs)
+        batch.append([t if isinstance(t, int) else 0 for t in outcomes])
+        for i in reversed(range(len(jobs))):
+            job, outcome = jobs[i], outcomes[i]
+            job.tokens.put(outcome)
+            if isinstance(outcome, int):
+                job.made += 1
+                with self.lock:
+                    self.counts["tokens"] += 1
+            if not isinstance(outcome, int) or job.made == job.settings["length"]:
+                if isinstance(outcome, int):
+                    job.tokens.put(None)  # its last token: the end
+                batch.remove(i)
+                jobs[i] = jobs[-1]
+                jobs.pop()
+
+    def sample(self, job, logits):
+        """The job's next token (an int) from its row's logits (1, V); None if its client has gone; the exception,
+        if sampling fails (it ends that generation only)."""
+        if job.stop:
+            return None
+        try:
+            s = job.settings
+            return sample_next(logits, s["temperature"], s["top_k"], s["top_p"], job.generator).item()
+        except BaseException as e:
+            if not isinstance(e, UserError):  # not a user's mistake: a bug, which the log shows
+                traceback.print_exception(e)
+            return e
 
     def handle_error(self, request, client_address):  # what a request's thread left unhandled: a traceback,
         if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):  # but a client leaving is no news
@@ -408,8 +441,8 @@ class Handler(BaseHTTPRequestHandler):
         """Send the reply's tokens as server-sent events while they are made; stop when the client goes away."""
         server = self.server
         generator = torch.Generator(server.model.lm_head.weight.device).manual_seed(settings["seed"])
-        job = SimpleNamespace(steps=tokens(server.model, ids, settings, generator), tokens=queue.SimpleQueue(),
-                              stop=False)  # each generation has its own cache and random generator
+        job = SimpleNamespace(ids=ids, settings=settings, generator=generator, tokens=queue.SimpleQueue(), made=0,
+                              stop=False)  # a row of the model thread's batch, with a random generator of its own
         server.model_thread_running()
         job.thread = server.model_thread  # the thread that takes it from the inbox
         server.inbox.put(job)

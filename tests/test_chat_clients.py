@@ -123,18 +123,20 @@ def test_generate_py_chat_py_and_the_api_allow_the_same_values_in_the_same_words
     (MemoryError(), 0),
 ])
 def test_a_generation_that_fails_tells_its_client_and_the_others_go_on(served, monkeypatch, error, after):
-    real, tok, port = chat.generate, served["tok"], served["port"]
+    real, tok, port = chat.sample_next, served["tok"], served["port"]
+    drawn = []
 
-    def failing(model, idx, *args):  # generate.py's loop, which fails for the prompt "fail" after `after` tokens
-        for i, token in enumerate(real(model, idx, *args)):
-            if tok.decode(idx[0].tolist()) == "fail" and i == after:
+    def failing(logits, temperature, top_k, top_p, generator):  # the sampler, failing for the generation of seed
+        if generator.initial_seed() == 99:  # 99 at its token number `after`, inside the server's own step
+            drawn.append(1)
+            if len(drawn) == after + 1:
                 raise error
-            yield token
+        return real(logits, temperature, top_k, top_p, generator)
 
-    monkeypatch.setattr(chat, "generate", failing)
+    monkeypatch.setattr(chat, "sample_next", failing)
     before = health(port)
     other = post(port, {"prompt": "abc", "length": 300, "seed": 1})  # a generation running beside it
-    got = events(post(port, {"prompt": "fail", "length": 300}))  # the seed, `after` tokens, the error
+    got = events(post(port, {"prompt": "fail", "length": 300, "seed": 99}))  # the seed, `after` tokens, the error
     assert "seed" in got[0] and all("token" in e for e in got[1:-1]) and len(got) == after + 2
     named = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
     assert got[-1] == {"error": str(error) if isinstance(error, UserError) else f"the generation failed: {named}"}
@@ -143,6 +145,51 @@ def test_a_generation_that_fails_tells_its_client_and_the_others_go_on(served, m
     after_all = health(port)
     assert after_all["status"] == "ok" and after_all["failed"] == before["failed"] + 1
     assert after_all["served"] == before["served"] + 1 and after_all["generating"] == 0
+
+
+def test_clients_at_once_each_stream_exactly_what_generate_py_makes_for_their_prompt_and_seed(served):
+    """Eight generations of different prompts, lengths (some past the block) and settings share the batch, joining
+    and leaving at different steps; each streams its own tokens, as generate.py makes them for its seed alone."""
+    port, tok = served["port"], served["tok"]
+    asks = [dict(prompt="abc" * (i + 1), length=20 + 11 * i, seed=i, temperature=[0.8, 0, 1.3][i % 3],
+                 top_k=[0, 5][i % 2], top_p=[1.0, 0.9][i // 4]) for i in range(8)]
+    results = [None] * 8
+
+    def client(i):
+        time.sleep(0.01 * i)  # arriving one after another, while the earlier ones run
+        results[i] = events(post(port, asks[i]))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    for ask, got in zip(asks, results):
+        expected = reference(served["model"], tok, ask["prompt"], ask["length"], ask["seed"], ask["temperature"],
+                             ask["top_k"], ask["top_p"])
+        assert got[-1]["done"] and [e["token"] for e in got[1:-1]] == expected, ask
+
+
+def test_a_forward_pass_that_fails_ends_the_generations_in_it_with_an_error_and_the_server_goes_on(served,
+                                                                                                 monkeypatch):
+    real, port, failed = chat.Batch.logits, served["port"], []
+
+    def logits(batch):
+        if not failed and len(batch.contexts) == 2:  # once, when two generations share the pass
+            failed.append(1)
+            raise RuntimeError("out of memory")
+        return real(batch)
+
+    monkeypatch.setattr(chat.Batch, "logits", logits)
+    before = health(port)
+    first = post(port, {"prompt": "abc", "length": 400, "seed": 1})
+    time.sleep(0.2)
+    second = events(post(port, {"prompt": "xyz", "length": 400, "seed": 2}))
+    for got in (events(first), second):
+        assert got[-1] == {"error": "the generation failed: RuntimeError: out of memory"}
+    assert events(post(port, {"prompt": "abc", "length": 5}))[-1]["done"]
+    after = health(port)
+    assert after["status"] == "ok" and after["failed"] == before["failed"] + 2 and after["generating"] == 0
 
 
 def kill(thread):
