@@ -35,7 +35,6 @@ import torch
 import torch.distributed as dist
 
 import configurator
-import mfu
 import prepare
 import tokenizer as tokenizers
 from checkpoint import (MODEL_KEYS, base_reference, base_settings, load_base, load_checkpoint, model_from_checkpoint,
@@ -45,6 +44,7 @@ from files import make_folder, remove_stale_temporaries, write_atomically
 from gpt import GPT2_SIZES, GPT, GPTConfig
 from lora import LAYERS, adapter_state, add_adapters
 from muon import Muon
+from progress import LogFile, Progress, cpu_matmul_flops, peak_memory
 
 # -----------------------------------------------------------------------------
 # where from, where to
@@ -210,19 +210,18 @@ def evaluate(model, data, autocast, dev):
     return losses
 
 
-def train(model, raw_model, optimizers, data, run, dev):
+def train(model, raw_model, optimizers, data, run, progress, dev):
     """The loop: evaluate and save every eval_interval steps and at the end, take one optimizer step, print a
     progress line every log_interval steps. `model` takes the steps (compiled, or wrapped for several processes);
     `raw_model`, the plain module, is evaluated and saved. True if Ctrl-C or SIGTERM stopped it (last.pt saved)."""
     autocast = nullcontext() if dtype == "float32" else torch.autocast(dev.split(":")[0], getattr(torch, dtype))
-    progress = Progress(raw_model, dev, run)
     with StopRequests() as stop:
         while True:
             if run.iter_num % eval_interval == 0 or run.iter_num == max_iters:
                 losses = evaluate(raw_model, data, autocast, dev)  # not through DDP's hooks or a recompile
                 improved = losses["val"] < run.best_val_loss
                 run.best_val_loss = min(run.best_val_loss, losses["val"])
-                report(losses, improved, run)
+                report(losses, improved, run, progress.log_file)
                 save(["last.pt", "best.pt"] if improved else ["last.pt"], raw_model, optimizers, run)
                 if MASTER and eval_sample_length > 0:
                     print_sample(raw_model, run.meta, eval_sample_length)
@@ -232,7 +231,7 @@ def train(model, raw_model, optimizers, data, run, dev):
             loss = step(model, optimizers, run.scaler, autocast, data["train"], run.data_rng, run.iter_num, dev, stop)
             run.iter_num += 1
             if run.iter_num % log_interval == 0:
-                progress.log(run.iter_num, loss, get_lr(run.iter_num - 1))
+                progress.log(run.iter_num, loss, get_lr(run.iter_num - 1), run.seconds())
             if stop:
                 save(["last.pt"], raw_model, optimizers, run)
                 log(f"saved {out_dir}/last.pt at step {run.iter_num}; continue with --init_from=resume")
@@ -255,8 +254,8 @@ def main(args):
         if DDP:  # processes start from process 0's weights and average their gradients at every step
             model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev] if dev.startswith("cuda") else None)
         write_settings(dev)
-        start_log(run.iter_num)
-        stopped = train(model, raw_model, optimizers, data, run, dev)
+        progress = start_progress(raw_model, run, dev)  # its lines, and log.jsonl begun (or cut back to the step)
+        stopped = train(model, raw_model, optimizers, data, run, progress, dev)
         if not stopped:
             finish(raw_model, run, dev)  # the last line, and a sample
         if DDP:  # finish together, stopped or not: process 0 may still be saving or sampling, and torchrun ends
@@ -269,8 +268,8 @@ def main(args):
 
 
 # -----------------------------------------------------------------------------
-# --- machinery: settings from a checkpoint or a base, processes, data and model, saving and resuming, the log,
-# --- Ctrl-C, progress lines
+# --- machinery: settings from a checkpoint or a base, processes, data and model, saving and resuming, Ctrl-C,
+# --- the progress lines and log (progress.py)
 
 
 DEFAULT_DATA = {os.path.join("data", t): t for t in ("char", "bpe", "gpt2")}  # data train.py may prepare itself
@@ -348,7 +347,7 @@ def resolve_precision(dev):
     without bf16, fp32 otherwise. A CPU gains from bf16 only with bf16 matrix units and only for wide models, so
     'auto' takes it there when the model is at least 256 wide and a bf16 matmul beats fp32 by half again."""
     wide = dtype == "auto" and dev == "cpu" and n_embd >= 256
-    fast = wide and mfu.cpu_matmul_flops(torch.bfloat16) > 1.5 * mfu.cpu_matmul_flops(torch.float32)
+    fast = wide and cpu_matmul_flops(torch.bfloat16) > 1.5 * cpu_matmul_flops(torch.float32)
     if dev.startswith("cuda"):
         torch.set_float32_matmul_precision("high")  # the fp32 matmuls autocast leaves may use TF32 tensor cores
     return configurator.pick_dtype(dtype, dev, default="bfloat16" if fast else "float32")
@@ -475,41 +474,23 @@ def current_settings():
     return {k: globals()[k] for k in configurator.setting_names(globals())}
 
 
-def start_log(iter_num):
-    """Begin out_dir/log.jsonl: empty for a new run; for a resumed one, the rows up to its checkpoint at step
-    iter_num, so that no step appears twice or goes missing (the evaluation at iter_num runs again)."""
-    if not MASTER:
-        return
-    path, rows = os.path.join(out_dir, "log.jsonl"), []
-    if init_from == "resume" and os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                    step = row["step"]
-                except (json.JSONDecodeError, KeyError, TypeError):  # a line cut short by a kill, say
-                    break
-                if step < iter_num or (step == iter_num and "val_loss" not in row):
-                    rows.append(row)
-    text = "".join(json.dumps(row) + "\n" for row in rows)
-    write_atomically(path, lambda f: f.write(text.encode("utf-8")))
+def start_progress(model, run, dev):
+    log_file = LogFile(os.path.join(out_dir, "log.jsonl") if MASTER else None,
+                       run.iter_num if init_from == "resume" else None)
+    progress = Progress(model, dev, dtype, batch_size * gradient_accumulation_steps * block_size, WORLD_SIZE,
+                        log_file, show=MASTER)
+    progress.restart(run.iter_num)
+    return progress
 
 
-def append_log(**row):
-    """One more row of out_dir/log.jsonl, written before the checkpoint that covers it."""
-    if MASTER:
-        with open(os.path.join(out_dir, "log.jsonl"), "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-
-
-def report(losses, improved, run):
+def report(losses, improved, run, log_file):
     """An evaluation's line and log row; a loss that is not finite stops the run before it is saved."""
     if not all(map(math.isfinite, losses.values())):
         raise UserError(f"the {'val' if math.isfinite(losses['train']) else 'train'} loss is not finite at step "
                         f"{run.iter_num}; stopped without saving these weights")
     log(f"step {run.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
         f"{' (best)' if improved else ''}, {run.seconds():.1f} s", flush=True)
-    append_log(step=run.iter_num, seconds=run.seconds(), train_loss=losses["train"], val_loss=losses["val"])
+    log_file.append(step=run.iter_num, seconds=run.seconds(), train_loss=losses["train"], val_loss=losses["val"])
 
 
 def stop_together(stop, loss_sum, it, dev):
@@ -550,41 +531,10 @@ class StopRequests:
             signal.signal(s, handler)
 
 
-class Progress:
-    """Times the steps between progress lines (evaluations left out), and prints loss, lr, speed and MFU: the
-    model's FLOPs per second over the device's peak (see mfu.py)."""
-
-    def __init__(self, model, dev, run):
-        self.tokens_per_iter = batch_size * gradient_accumulation_steps * block_size
-        self.flops_per_iter = mfu.flops_per_token(model) * self.tokens_per_iter
-        self.peak = mfu.peak_flops(dev.split(":")[0], getattr(torch, dtype))
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        frozen = f" ({trainable:,} of them trainable)" if trainable < model.num_params() else ""
-        log(f"{model.num_params() / 1e6:.2f}M parameters{frozen} on {dev} ({dtype}, {WORLD_SIZE} process"
-            f"{'es' * (WORLD_SIZE > 1)}), {self.tokens_per_iter:,} tokens per step")
-        self.run = run
-        self.restart(run.iter_num)
-
-    def restart(self, iter_num):
-        self.t0, self.iter0 = time.perf_counter(), iter_num
-
-    def log(self, iter_num, loss, lr):
-        if DDP:  # the mean over all processes' batches, as one process would report it
-            dist.all_reduce(loss)
-            loss /= WORLD_SIZE
-        dt = (time.perf_counter() - self.t0) / max(1, iter_num - self.iter0)  # per step since the last line
-        utilisation = f"{self.flops_per_iter / dt / self.peak / WORLD_SIZE:.1%}" if self.peak else "n/a"
-        log(f"iter {iter_num}: loss {loss.item():.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
-            f"{self.tokens_per_iter / dt:,.0f} tok/s, mfu {utilisation}", flush=True)
-        append_log(step=iter_num, seconds=self.run.seconds(), loss=loss.item(), lr=lr,
-                   tokens_per_s=self.tokens_per_iter / dt)
-        self.restart(iter_num)
-
-
 def finish(model, run, dev):
     """The last line (steps, time, best val loss, peak memory) and a sample of what the model learned."""
     log(f"done: {run.iter_num} steps in {run.seconds():.1f} s, best val loss {run.best_val_loss:.4f}, "
-        f"{mfu.peak_memory(dev.split(':')[0])}", flush=True)
+        f"{peak_memory(dev.split(':')[0])}", flush=True)
     if MASTER and sample_length > 0:
         print_sample(model, run.meta, sample_length, fast=True)
 

@@ -10,9 +10,9 @@ import shutil
 import pytest
 import torch
 
-import mfu
 import lora
 import prepare
+import progress
 from checkpoint import load_model
 from conftest import one_error_line, run_script, trained_folder
 from generate import load_for_sampling
@@ -111,9 +111,9 @@ def test_merged_and_unmerged_adapters_give_the_same_logits():
 
 def test_the_mfu_figure_counts_4_flops_per_frozen_weight_and_6_per_adapter_weight():
     model = random_gpt()
-    full, weights = mfu.flops_per_token(model), model.num_params(non_embedding=True)
+    full, weights = progress.flops_per_token(model), model.num_params(non_embedding=True)
     lora.add_adapters(model, rank=2, alpha=4.0)  # every weight frozen: its gradient is never computed
-    assert mfu.flops_per_token(model) == full - 2 * weights + 6 * adapter_count(n_layer=2, n_embd=32, rank=2)
+    assert progress.flops_per_token(model) == full - 2 * weights + 6 * adapter_count(n_layer=2, n_embd=32, rank=2)
 
 
 # -----------------------------------------------------------------------------

@@ -68,28 +68,27 @@ def test_best_checkpoint_never_records_a_worse_val_loss(corpus):
                                         ("NVIDIA A100-SXM4-40GB", 312e12), ("NVIDIA H200", 989e12),
                                         ("NVIDIA A10G", None), ("NVIDIA L40", None), ("Some Future GPU", None)])
 def test_mfu_uses_the_datasheet_peak_of_the_gpu_in_use_or_none(monkeypatch, name, peak):
-    import mfu
+    import progress
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
-    assert mfu.peak_flops("cuda", torch.bfloat16) == peak
-    assert mfu.peak_flops("cuda", torch.float32) is None  # no fp32 peaks in the table: n/a, not a guess
+    assert progress.peak_flops("cuda", torch.bfloat16) == peak
+    assert progress.peak_flops("cuda", torch.float32) is None  # no fp32 peaks in the table: n/a, not a guess
 
 
 def test_mfu_on_cpu_is_measured_against_a_matmul_probe():
-    import mfu
+    import progress
 
-    assert 1e9 < mfu.peak_flops("cpu", torch.float32) < 1e14
-    assert mfu.peak_flops("mps", torch.float32) is None
+    assert 1e9 < progress.peak_flops("cpu", torch.float32) < 1e14
+    assert progress.peak_flops("mps", torch.float32) is None
 
 
 @pytest.mark.parametrize("bf16_speedup", [3.0, 1.2])
 def test_auto_precision_on_cpu_takes_bf16_only_for_wide_models_where_it_is_faster(corpus, monkeypatch, bf16_speedup):
-    import mfu
     import train
 
     # the probe's answer is set here: a test that timed bf16 itself could disagree with train.py's own timing
     probe = {torch.float32: 1e11, torch.bfloat16: 1e11 * bf16_speedup}
-    monkeypatch.setattr(mfu, "cpu_matmul_flops", probe.get)
+    monkeypatch.setattr(train, "cpu_matmul_flops", probe.get)
     monkeypatch.chdir(corpus)
     args = ["--device=cpu", "--n_layer=1", "--n_head=4", "--block_size=16", "--batch_size=2", "--max_iters=1",
             "--eval_iters=1", "--sample_length=0"]
