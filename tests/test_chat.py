@@ -37,10 +37,10 @@ MARKUP = ["<img src=x onerror=alert(1)>", "<script>", "alert(2)", "</script>", "
           '<a href="javascript:alert(3)">', "</a>", "<!-- -->", "<div>", "\n"]  # HTML, which a page must show as text
 
 
-def tiny_checkpoint(path, chars=PRINTABLE, block_size=32):
+def tiny_checkpoint(path, chars=PRINTABLE, block_size=32, n_layer=2, n_head=2, n_embd=32):
     """A train.py-style checkpoint of a small random GPT over the characters `chars`; returns its path."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=block_size, vocab_size=len(chars), n_layer=2, n_head=2, n_embd=32))
+    model = GPT(GPTConfig(block_size=block_size, vocab_size=len(chars), n_layer=n_layer, n_head=n_head, n_embd=n_embd))
     torch.save(dict(model=model.state_dict(), model_config=dataclasses.asdict(model.config),
                     tokenizer=CharTokenizer(chars).to_dict()), path)
     return str(path)
@@ -347,10 +347,7 @@ def test_the_page_shows_a_models_markup_as_the_text_it_is(tmp_path, browser):
         element("temperature").send_keys("1")
         element("seed").send_keys("7")
         element("generate").click()
-        for _ in range(600):
-            if "tokens/s (seed 7)" in element("status").text:
-                break
-            time.sleep(0.05)
+        wait_for_status(element, "tokens/s (seed 7)", 600, 0.05)
         assert element("output").get_attribute("textContent") == "<" + expected
         assert [e.tag_name for e in browser.find_elements(By.CSS_SELECTOR, "#output *")] == ["span", "span"]
         with pytest.raises(NoAlertPresentException):
@@ -370,6 +367,14 @@ def test_the_page_shows_a_bad_request_as_the_servers_one_line(served, browser):
     assert element("status").text.startswith("error: the text has characters outside this model's vocabulary")
 
 
+def wait_for_status(element, text, tries, pause):
+    """Until the page's status line shows `text` (a finished generation), or `tries` looks `pause` seconds apart."""
+    for _ in range(tries):
+        if text in element("status").text:
+            return
+        time.sleep(pause)
+
+
 def screenshot(url, prompt, path, length=300):
     """Generate `length` tokens from `prompt` on the page at `url` and save a PNG of it to `path`."""
     browser = chromium(width=820, height=680)
@@ -377,10 +382,7 @@ def screenshot(url, prompt, path, length=300):
         element = open_page(browser, url, prompt, length)
         element("seed").send_keys("7")
         element("generate").click()
-        for _ in range(600):
-            if "tokens/s (seed" in element("status").text:
-                break
-            time.sleep(0.1)
+        wait_for_status(element, "tokens/s (seed", 600, 0.1)
         browser.save_screenshot(path)
     finally:
         browser.quit()

@@ -3,7 +3,6 @@ line, commands and their errors, Ctrl-C stopping a reply and at the prompt (also
 times at every moment, with no second press to make up for a missed one), Ctrl-D leaving; and its command-line
 errors."""
 
-import dataclasses
 import os
 import pty
 import random
@@ -18,9 +17,7 @@ import torch
 
 from conftest import ROOT, one_error_line, run_script  # first: it puts the project on sys.path
 from generate import generate, load_for_sampling
-from gpt import GPT, GPTConfig
 from test_chat import tiny_checkpoint
-from tokenizer import CharTokenizer
 
 LETTERS = "\n abcdefghijklmnopqrstuvwxyz"  # no '>': the terminal's prompt cannot appear in a reply
 
@@ -113,11 +110,7 @@ def test_the_terminal_chat_continues_the_conversation_takes_commands_and_ctrl_c_
 
 def wide_checkpoint(path, chars=LETTERS, block_size=256):
     """A checkpoint of a random GPT large enough that its pass over a long conversation takes a while."""
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=block_size, vocab_size=len(chars), n_layer=4, n_head=4, n_embd=128))
-    torch.save(dict(model=model.state_dict(), model_config=dataclasses.asdict(model.config),
-                    tokenizer=CharTokenizer(chars).to_dict()), path)
-    return str(path)
+    return tiny_checkpoint(path, chars, block_size, n_layer=4, n_head=4, n_embd=128)
 
 
 def test_ctrl_c_stops_a_reply_whenever_it_is_pressed_on_a_busy_machine(tmp_path):
