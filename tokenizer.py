@@ -3,6 +3,7 @@ tokenizer.py: how text becomes token ids and back.
 
     CharTokenizer  one id per distinct character (the vocabulary is the sorted set of characters)
     BPETokenizer   byte-level BPE: GPT-2's regex pre-split, then merges of byte pairs learned by `train`
+    ChatTokenizer  any of them plus a chat template's special tokens, which mark the turns of a conversation
     gpt2_tokenizer(source)
                    GPT-2's own BPE (50,257 tokens), from a tiktoken rank file, vocab.json + merges.txt (Hugging
                    Face) or encoder.json + vocab.bpe (OpenAI's release); downloaded once when no source is given
@@ -504,6 +505,61 @@ def gpt2_from_vocab_and_merges(vocab_path, merges_path):
         raise file_error(vocab_path, f"a byte-level BPE vocabulary ({e})")
 
 
+# -----------------------------------------------------------------------------
+# Conversations: any tokenizer above, plus the special tokens of a chat template (sft.py tunes a model on them)
+
+ROLES = ("system", "user", "assistant")
+
+
+class ChatTokenizer(Tokenizer):
+    """A base tokenizer with four special tokens after its ids: <|system|>, <|user|> and <|assistant|> open a
+    turn, <|end|> closes it. encode() is the base's, so no text, a user's included, can produce them (as with
+    <|endoftext|>): only render() puts them in. A conversation renders as
+
+        <|system|>Be brief.<|end|><|user|>Hi<|end|><|assistant|>Hello.<|end|>
+
+    and a model learns to answer by predicting what follows <|assistant|>, up to and including its <|end|>."""
+
+    SPECIAL = tuple(f"<|{role}|>" for role in ROLES) + ("<|end|>",)
+
+    def __init__(self, base):
+        self.base = base
+        self.vocab_size = base.vocab_size + len(self.SPECIAL)
+        self.special = {name: base.vocab_size + i for i, name in enumerate(self.SPECIAL)}  # name -> id
+        self.end = self.special["<|end|>"]
+
+    def encode(self, text, allowed_special=False):
+        return self.base.encode(text)
+
+    def decode_bytes(self, ids):
+        names = {i: name.encode() for name, i in self.special.items()}
+        pieces, run = [], []
+        for i in checked(ids, self.vocab_size) + [self.end]:  # a special token ends the run of text before it
+            if i in names:
+                pieces += [self.base.decode_bytes(run), names[i]]
+                run = []
+            else:
+                run.append(i)
+        return b"".join(pieces[:-1])
+
+    def render(self, messages, reply=False):
+        """(ids, mask) of a conversation, a list of {"role", "content"}: mask is 1 on the assistant's tokens (its
+        words and the <|end|> after them, what training learns to predict), 0 elsewhere. reply: end with
+        <|assistant|>, the prompt for the next answer."""
+        ids, mask = [], []
+        for message in messages:
+            words = self.encode(message["content"]) + [self.end]
+            ids += [self.special[f"<|{message['role']}|>"]] + words
+            mask += [0] + [int(message["role"] == "assistant")] * len(words)
+        if reply:
+            ids.append(self.special["<|assistant|>"])
+            mask.append(0)
+        return ids, mask
+
+    def to_dict(self):
+        return {"type": "chat", "base": self.base.to_dict()}
+
+
 def from_dict(d):
     """Rebuild a tokenizer from the dict that its `to_dict()` made."""
     where = "in this checkpoint or meta.json"
@@ -513,6 +569,8 @@ def from_dict(d):
         if not isinstance(d.get("chars"), str) or len(set(d["chars"])) != len(d["chars"]):
             raise UserError(f"the char tokenizer {where} is damaged; prepare the data again")
         return CharTokenizer(d["chars"])
+    if d.get("type") == "chat" and isinstance(d.get("base"), dict) and d["base"].get("type") != "chat":
+        return ChatTokenizer(from_dict(d["base"]))
     if d.get("type") == "bpe":
         try:
             return BPETokenizer(d["merges"], d["byte_order"], d["special_tokens"], d["pattern"])
