@@ -188,12 +188,15 @@ def adapted_from_checkpoint(ckpt, path, dropout=None):
                         f"trained (its sha256 is no longer {sha256[:16]}...); put the original base back, or train "
                         f"new adapters on this one")
     model, _ = load_base(base, config.dropout)
+    grown = config.vocab_size > model.config.vocab_size  # tuned on conversations: a chat template's tokens added
+    if grown:
+        model.add_tokens(config.vocab_size)
     if dataclasses.asdict(model.config) | dict(block_size=config.block_size) != dataclasses.asdict(config) or (
             config.block_size > model.config.block_size):
         raise UserError(f"{path} describes a model of another shape than its base {base}; use the base "
                         f"its adapters were trained on")
     model.crop_block_size(config.block_size)
-    add_adapters(model, rank, alpha, layers, generator=torch.Generator())  # the random A is overwritten next
+    add_adapters(model, rank, alpha, layers, torch.Generator(), grown)  # the random A is overwritten next
     try:
         load_adapters(model, ckpt["model"])
     except ValueError as e:

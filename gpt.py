@@ -252,6 +252,18 @@ class GPT(nn.Module):
         if not self.config.rope:
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].clone())
 
+    @torch.no_grad()
+    def add_tokens(self, vocab_size):
+        """Grow the vocabulary to vocab_size (a chat template's special tokens). The new rows of the token embedding
+        and of lm_head start at the mean of the old rows: the old tokens' logits stay exactly as they were, and each
+        new token starts out as an average one, neither likely nor ruled out."""
+        wte, head = self.transformer.wte, self.lm_head
+        grow = lambda w: nn.Parameter(torch.cat([w, w.mean(0, keepdim=True).expand(vocab_size - len(w), -1)]))
+        wte.weight, wte.num_embeddings = grow(wte.weight), vocab_size
+        head.weight = wte.weight if self.config.tie_embeddings else grow(head.weight)
+        head.out_features = self.config.vocab_size = vocab_size
+        return self
+
     def new_cache(self, batch_size):
         """An empty key/value cache for generating `batch_size` sequences at once."""
         c, p = self.config, self.transformer.wte.weight  # the cache takes the embedding's device and (float) dtype

@@ -38,6 +38,7 @@ out = "merged.pt"  # where to write the merged checkpoint: weights, shape and to
 
 LAYERS = {"attn": ("attn.c_attn", "attn.c_proj"), "mlp": ("mlp.c_fc", "mlp.c_proj")}  # per block, --lora_layers
 LAYERS["all"] = LAYERS["attn"] + LAYERS["mlp"]
+EMBEDDINGS = ("transformer.wte.weight", "lm_head.weight")  # an untied lm_head is a table of its own
 
 
 class LoRALinear(nn.Module):
@@ -70,13 +71,14 @@ class LoRALinear(nn.Module):
         return linear
 
 
-def add_adapters(model, rank, alpha, layers="all", generator=None):
+def add_adapters(model, rank, alpha, layers="all", generator=None, embeddings=False):
     """Freeze every parameter of `model` (a GPT) and put a LoRALinear of this rank around the linear layers
     `layers` names in every block ('attn', 'mlp' or 'all'); lm_head, tied to the token embedding, stays as it is.
-    `generator` draws the A matrices (None: torch's global generator). Returns the model."""
+    `generator` draws the A matrices (None: torch's global generator). embeddings: the token embedding (and an
+    untied lm_head) train too, as a vocabulary grown by a chat template's tokens needs. Returns the model."""
     assert rank >= 1 and layers in LAYERS, (rank, layers)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    for name, p in model.named_parameters():
+        p.requires_grad_(embeddings and name in EMBEDDINGS)
     for block in model.transformer.h:
         for path in LAYERS[layers]:
             parent, name = path.split(".")  # 'attn.c_attn' -> block.attn, 'c_attn'
@@ -86,8 +88,10 @@ def add_adapters(model, rank, alpha, layers="all", generator=None):
 
 
 def adapter_state(model):
-    """The adapters alone, {name: tensor}, named as in model.state_dict() ('transformer.h.0.attn.c_attn.lora_A')."""
-    return {name: p.detach() for name, p in model.named_parameters() if name.rsplit(".", 1)[-1] in ("lora_A", "lora_B")}
+    """What a LoRA run trains, {name: tensor}, named as in model.state_dict() ('transformer.h.0.attn.c_attn.lora_A'):
+    the adapters, and the embeddings when they train too."""
+    return {name: p.detach() for name, p in model.named_parameters()
+            if name.rsplit(".", 1)[-1] in ("lora_A", "lora_B") or (name in EMBEDDINGS and p.requires_grad)}
 
 
 def load_adapters(model, state):

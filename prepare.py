@@ -9,6 +9,7 @@ prepare.py: turn text into training data, from one book to a corpus larger than 
     python prepare.py --tokenizer=gpt2 --gpt2_vocab=gpt2.tiktoken          # ... or read from a local file
     python prepare.py --input=code.txt --tokenizer=data/bpe --data_dir=data/code   # data/bpe's tokenizer, reused
     python prepare.py --input='web/*.jsonl.gz' --tokenizer=gpt2 --data_dir=data/web    # a corpus, on every core
+    python prepare.py --conversations=True --input=chats.jsonl --tokenizer=data/char --data_dir=data/sft   # sft.py
 
 One text file (plain or .gz) is split by text: its last 10% is held out for validation (never cutting
 `<|endoftext|>` in two), and prepare.py writes to `data_dir`:
@@ -41,6 +42,7 @@ import sys
 import time
 
 import numpy as np
+import torch
 
 import configurator
 from configurator import UserError
@@ -60,6 +62,7 @@ data_dir = ""  # where to write; empty means data/<tokenizer>
 val_fraction = 0.1  # held out for validation: the last 10% of one text, or one document in every 10 of a corpus
 workers = 0  # processes that encode at once; 0: one per core (an input of a few MB is encoded in this process)
 shard_tokens = 100_000_000  # a corpus's ids go to files of at most this many tokens (200 MB each)
+conversations = False  # the input holds conversations for fine-tuning (sft.py): chat template, loss on the answers
 # -----------------------------------------------------------------------------
 
 DEFAULT_INPUT = "input.txt"  # Tiny Shakespeare, which comes with the code; downloaded again if deleted
@@ -70,7 +73,7 @@ PROGRESS_SECONDS = 3.0  # a progress line on stderr this often
 
 
 def prepare(input=DEFAULT_INPUT, tokenizer="char", data_dir="", val_fraction=0.1, vocab_size=4096, gpt2_vocab="",
-            text_field="text", workers=0, shard_tokens=100_000_000):
+            text_field="text", workers=0, shard_tokens=100_000_000, conversations=False):
     """Encode `input` with a new `tokenizer` (or a data folder's) and write it to `data_dir`: train.bin, val.bin
     and meta.json for one text file, shards and meta.json for a corpus. Returns data_dir."""
     if os.path.isdir(tokenizer) and (not data_dir or os.path.realpath(data_dir) == os.path.realpath(tokenizer)):
@@ -85,6 +88,8 @@ def prepare(input=DEFAULT_INPUT, tokenizer="char", data_dir="", val_fraction=0.1
         download(SHAKESPEARE_URL, input, f"put a UTF-8 text file at {input} or pass --input=FILE", SHAKESPEARE_SHA256)
     files = corpus.input_files(input, data_dir)
     workers = workers or worker_count(files)
+    if conversations:
+        return prepare_conversations(files, tokenizer, data_dir, val_fraction, vocab_size, gpt2_vocab)
     one_file = len(files) == 1 and (input == files[0] or input.startswith(("http://", "https://")))
     if one_file and not corpus.is_json_lines(files[0]):
         return prepare_text(files[0], tokenizer, data_dir, val_fraction, vocab_size, gpt2_vocab, workers)
@@ -318,6 +323,53 @@ def remove_shards(data_dir, keep=()):
 
 
 # -----------------------------------------------------------------------------
+# Conversations: one a row, and the loss only where the assistant speaks
+
+
+def prepare_conversations(files, tokenizer, data_dir, val_fraction, vocab_size, gpt2_vocab):
+    """Conversations (sft.read_conversations) rendered with the chat template over the tokenizer given: a data
+    folder's (that of the model to tune), gpt2, or a new char or bpe one. See the docstring for the files."""
+    import sft
+
+    found = [item for path in files for item in sft.read_conversations(path)]
+    for where, error in found:
+        if isinstance(error, str):
+            print(f"{where} {error}; left out", file=sys.stderr)
+    good = [messages for _, messages in found if not isinstance(messages, str)]
+    texts = lambda: (m["content"] for messages in good for m in messages)
+    tok = make_tokenizer(tokenizer, lambda: characters(texts()), texts, vocab_size, gpt2_vocab)
+    tok = tokenizers.ChatTokenizer(getattr(tok, "base", tok))  # a tuned model's data folder: its base, once
+    splits = {"train": [], "val": []}
+    for (where, _), messages in zip([f for f in found if not isinstance(f[1], str)], good):
+        try:
+            ids, mask = tok.render(messages)
+        except UserError as e:  # a character the base model has never seen
+            print(f"{where} {e}; left out", file=sys.stderr)
+            continue
+        n = sum(map(len, splits.values()))
+        splits["val" if is_val(n, val_fraction) else "train"].append((ids, mask))
+    if not splits["train"] or not splits["val"]:
+        raise UserError(f"{sum(map(len, splits.values()))} usable conversations are too few to hold one in every {1 / val_fraction:g} "
+                        f"out for validation; give more, or a larger --val_fraction")
+    make_folder(data_dir)
+    meta = dict(tokenizer=tok.to_dict(), vocab_size=tok.vocab_size, conversations={})
+    for split, rows in splits.items():
+        arrays = dict(ids=np.concatenate([ids for ids, _ in rows]).astype(np.uint16),
+                      mask=np.concatenate([mask for _, mask in rows]).astype(np.uint8),
+                      lengths=np.array([len(ids) for ids, _ in rows], dtype=np.uint32))
+        for name, array in arrays.items():
+            path = os.path.join(data_dir, f"{split}{'' if name == 'ids' else '_' + name}.bin")
+            write_atomically(path, lambda f: f.write(array.tobytes()))
+        meta[f"{split}_tokens"], meta["conversations"][split] = len(arrays["ids"]), len(rows)
+    write_json(os.path.join(data_dir, "meta.json"), meta)
+    left_out = len(found) - sum(meta["conversations"].values())
+    print(f"{meta['conversations']['train']:,} train and {meta['conversations']['val']:,} val conversations "
+          f"({meta['train_tokens']:,} and {meta['val_tokens']:,} tokens, {left_out} left out), vocabulary "
+          f"{tok.vocab_size:,} with the chat template's tokens, written to {data_dir}/")
+    return data_dir
+
+
+# -----------------------------------------------------------------------------
 # Reading the data back (train.py does), checked against what meta.json says
 
 
@@ -354,6 +406,8 @@ def load_split(data_dir, split, meta, block_size=1):
     block_size + 1 tokens: a read-only memmap of {split}.bin, or for a corpus, Shards over its memory-mapped files.
     (A corpus's ids are not scanned for ones past the vocabulary, which would read every shard: prepare.py wrote
     them, and meta.json holds each shard's sha256.)"""
+    if "conversations" in meta:
+        return load_conversations(data_dir, split, meta, block_size)
     files = [e["file"] for e in meta["shards"][split]] if "shards" in meta else [f"{split}.bin"]
     counts = [e["tokens"] for e in meta["shards"][split]] if "shards" in meta else [meta[f"{split}_tokens"]]
     arrays = []
@@ -372,6 +426,65 @@ def load_split(data_dir, split, meta, block_size=1):
         raise UserError(f"the {split} split of {data_dir} has {len(data)} tokens, too few for "
                         f"--block_size={block_size}; use a smaller --block_size or more text")
     return data
+
+
+def load_conversations(data_dir, split, meta, block_size):
+    """A split of conversations (prepare_conversations wrote it) as Conversations, its files checked."""
+    n = meta["conversations"].get(split) if isinstance(meta["conversations"], dict) else None
+    parts = {}
+    for name, dtype, count in (("", np.uint16, meta[f"{split}_tokens"]), ("_mask", np.uint8, meta[f"{split}_tokens"]),
+                               ("_lengths", np.uint32, n)):
+        path = os.path.join(data_dir, f"{split}{name}.bin")
+        size = os.path.getsize(path) if os.path.isfile(path) else -1
+        if type(count) is not int or size != count * np.dtype(dtype).itemsize:
+            raise UserError(f"{path} does not hold the {count} values meta.json says (truncated or corrupted?); run "
+                            f"prepare.py again")
+        parts[name] = np.fromfile(path, dtype=dtype)
+    ids, mask, lengths = parts.values()
+    if lengths.sum() != len(ids) or ids.max() >= meta["vocab_size"]:
+        raise UserError(f"the {split} conversations in {data_dir} do not add up to their ids, or hold an id past "
+                        f"the vocabulary; run prepare.py again")
+    data = Conversations(ids, mask, lengths, tokenizers.from_dict(meta["tokenizer"]).end, block_size)
+    if not len(data):
+        raise UserError(f"no {split} conversation of {data_dir} has an answer that ends within --block_size="
+                        f"{block_size} tokens; use a larger --block_size or shorter conversations")
+    return data
+
+
+class Conversations:
+    """A split of conversations, each one a row of its own. One longer than block_size + 1 tokens is cut after
+    the last of the assistant's turns that ends within them (`cut` counts them); one whose first answer ends
+    later is left out (`skipped`). Never is an answer split in two."""
+
+    def __init__(self, ids, mask, lengths, end, block_size):
+        self.ids, self.mask, self.cut, self.skipped = ids, mask, 0, 0
+        kept = []  # (start, length)
+        for start, n in zip(np.cumsum(lengths, dtype=np.int64) - lengths, lengths.astype(np.int64)):
+            if n > block_size + 1:
+                window = slice(start, start + block_size + 1)
+                ends = np.flatnonzero((ids[window] == end) & (mask[window] == 1))  # where an answer ends
+                self.cut, self.skipped = self.cut + (len(ends) > 0), self.skipped + (len(ends) == 0)
+                if not len(ends):
+                    continue
+                n = ends[-1] + 1
+            kept.append((start, n))
+        self.starts, self.lengths = np.array(kept, dtype=np.int64).reshape(-1, 2).T
+
+    def __len__(self):
+        return len(self.starts)
+
+    def rows(self, index, block_size):
+        """(x, y), both (B, block_size) int64: conversation index[b] in row b from position 0, then padding. y is
+        the next token where the assistant speaks and -1 (no loss) everywhere else. Attention is causal, so no
+        position of a conversation ever sees the padding after it."""
+        x = np.zeros((len(index), block_size), dtype=np.int64)
+        y = np.full((len(index), block_size), -1, dtype=np.int64)
+        for b, i in enumerate(index):
+            start, n = self.starts[i], self.lengths[i]
+            ids, learn = self.ids[start : start + n].astype(np.int64), self.mask[start + 1 : start + n]
+            x[b, : n - 1] = ids[:-1]
+            y[b, : n - 1] = np.where(learn == 1, ids[1:], -1)
+        return torch.from_numpy(x), torch.from_numpy(y)
 
 
 class Shards:
@@ -406,7 +519,8 @@ def main(args):
     for key, owner in (("vocab_size", "bpe"), ("gpt2_vocab", "gpt2")):
         if key in overridden and tokenizer != owner:
             raise UserError(f"--{key} only applies to --tokenizer={owner}; drop it or add --tokenizer={owner}")
-    prepare(input, tokenizer, data_dir, val_fraction, vocab_size, gpt2_vocab, text_field, workers, shard_tokens)
+    prepare(input, tokenizer, data_dir, val_fraction, vocab_size, gpt2_vocab, text_field, workers, shard_tokens,
+            conversations)
 
 
 if __name__ == "__main__":

@@ -122,12 +122,22 @@ def log(*args, **kwargs):
 
 
 def batch(data, offsets, device):
-    """Inputs and next-token targets, both (B, T), from windows of block_size + 1 tokens starting at `offsets`."""
-    window = torch.from_numpy(data[offsets[:, None] + np.arange(block_size + 1)].astype(np.int64))  # (B, T + 1)
-    x, y = window[:, :-1], window[:, 1:]
+    """Inputs and next-token targets, both (B, T), from windows of block_size + 1 tokens starting at `offsets`;
+    or, for conversations (sft.py), the conversations numbered `offsets`, a row each, with targets only where the
+    assistant speaks (prepare.Conversations)."""
+    if isinstance(data, prepare.Conversations):
+        x, y = data.rows(offsets, block_size)
+    else:
+        window = torch.from_numpy(data[offsets[:, None] + np.arange(block_size + 1)].astype(np.int64))  # (B, T + 1)
+        x, y = window[:, :-1], window[:, 1:]
     if device.startswith("cuda"):  # pinned memory lets the copy overlap with compute
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
+
+
+def rows_in(data):
+    """How many different rows a batch can draw from a split: the starts of its windows, or its conversations."""
+    return len(data) if isinstance(data, prepare.Conversations) else len(data) - block_size
 
 
 def get_lr(it):
@@ -161,8 +171,7 @@ def make_optimizers(model, device_type):
 def step(model, optimizers, scaler, autocast, train_data, data_rng, it, dev, stop):
     """Optimizer step `it` over gradient_accumulation_steps micro-batches; returns the mean loss (a tensor).
     The step's windows are drawn for all processes at once, and process r takes every WORLD_SIZE-th micro-batch."""
-    starts = torch.randint(len(train_data) - block_size, (gradient_accumulation_steps, batch_size),
-                           generator=data_rng).numpy()
+    starts = torch.randint(rows_in(train_data), (gradient_accumulation_steps, batch_size), generator=data_rng).numpy()
     accum = gradient_accumulation_steps // WORLD_SIZE  # micro-steps in this process
     loss_sum = torch.zeros((), device=dev)
     for micro in range(accum):
@@ -195,8 +204,8 @@ def evaluate(model, data, autocast, dev):
     model.eval()
     losses = {}
     for split in ("train", "val"):
-        n = min(eval_iters * batch_size, len(data[split]) - block_size)
-        starts = np.linspace(0, len(data[split]) - block_size - 1, n).astype(np.int64)[RANK::WORLD_SIZE]
+        n = min(eval_iters * batch_size, rows_in(data[split]))
+        starts = np.linspace(0, rows_in(data[split]) - 1, n).astype(np.int64)[RANK::WORLD_SIZE]
         total = torch.zeros(2, device=dev)  # (sum of losses, number of windows)
         for i in range(0, len(starts), batch_size):
             x, y = batch(data[split], starts[i : i + batch_size], dev)
@@ -378,11 +387,14 @@ def build_model(ckpt, meta, dev):
         model = GPT(GPTConfig(vocab_size=meta["vocab_size"], **{k: globals()[k] for k in MODEL_KEYS}))
     else:
         model, tokenizer = load_base(init_from, dropout)
-        if tokenizer is None and model.config.vocab_size != meta["vocab_size"]:
+        # conversations for a base model: the data's tokenizer is the base's plus the chat template's tokens
+        grow = meta["tokenizer"]["type"] == "chat" and (tokenizer or {}).get("type") != "chat"
+        expected = meta["tokenizer"]["base"] if grow else meta["tokenizer"]
+        if tokenizer is None and model.config.vocab_size != tokenizers.from_dict(expected).vocab_size:
             raise UserError(f"{init_from} has a vocabulary of {model.config.vocab_size} but the data in {data_dir} "
                             f"has {meta['vocab_size']}; use --data_dir=data/gpt2 (prepared on first use) or data that "
                             f"python prepare.py --tokenizer=gpt2 wrote")
-        if tokenizer is not None and tokenizer != meta["tokenizer"]:
+        if tokenizer is not None and tokenizer != expected:
             raise UserError(f"the data in {data_dir} was tokenized differently from {init_from}; prepare it with that "
                             f"model's tokenizer: python prepare.py --input=FILE --tokenizer=<the data_dir it was "
                             f"trained on> --data_dir=NEW_DIR")
@@ -390,8 +402,10 @@ def build_model(ckpt, meta, dev):
             raise UserError(f"--block_size={block_size} is longer than {init_from}'s {model.config.block_size} "
                             f"positions")
         model.crop_block_size(block_size)
-        if lora_rank:  # freeze every weight, and train adapters on the linear layers
-            add_adapters(model, lora_rank, lora_alpha, lora_layers, torch.Generator().manual_seed(seed))
+        if grow:  # new rows for the template's tokens; the old tokens' logits stay as they were
+            model.add_tokens(meta["vocab_size"])
+        if lora_rank:  # freeze every weight, and train adapters on the linear layers (and new rows' table)
+            add_adapters(model, lora_rank, lora_alpha, lora_layers, torch.Generator().manual_seed(seed), grow)
     return model.use_fused_attention(fused_attention).to(dev)
 
 
