@@ -14,7 +14,9 @@ names its base, and the adapters are merged into the base's weights as it loads.
 made; the speed goes to stderr. Each new token is one forward pass over one position, thanks to the key/value
 cache in gpt.py; `--kv_cache=False` recomputes the whole context every step instead (same tokens, much slower).
 Several prompts, or samples, are generated together in one batch, each row its own length (see Batch); row i
-draws from --seed + i, so each row's text is what its prompt alone gives with that seed.
+draws from --seed + i, so each row's text is what its prompt alone gives with that seed. A model tuned on
+conversations (sft.py) takes each prompt as a user's turn, in the chat template stored in its checkpoint, and
+prints the prompt, then its answer up to <|end|>.
 """
 
 import codecs
@@ -30,6 +32,7 @@ from configurator import UserError
 from checkpoint import load_model
 from fast_linear import quantize_int8, use_slab_products
 from lora import merge_adapters
+from tokenizer import ChatTokenizer
 
 # -----------------------------------------------------------------------------
 init_from = "out/best.pt"  # a checkpoint of train.py's, or GPT-2: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a
@@ -235,11 +238,15 @@ def sample_text(model, tok, prompt_text, max_new_tokens, num_samples=1, temperat
     device = model.lm_head.weight.device
     texts = [p for p in ([prompt_text] if isinstance(prompt_text, str) else prompt_text) for _ in range(num_samples)]
     rows = [tok.encode(text, allowed_special=True) for text in texts]  # a prompt may start with <|endoftext|>
+    chat = isinstance(tok, ChatTokenizer)  # a tuned model (sft.py): each prompt is a user's turn, answered once
+    if chat:
+        rows = [tok.render([dict(role="user", content=text)], reply=True)[0] for text in texts]
+        texts = [text + "\n" for text in texts]
     if not all(rows):
         raise UserError("a prompt is empty after encoding; give some text with --prompt or --prompts")
     generators = [torch.Generator(device).manual_seed(seed + i) for i in range(len(rows))]
     decoders = [text_decoder(tok) for _ in rows]
-    stream = len(rows) == 1
+    stream, ended = len(rows) == 1, [False] * len(rows)
     if stream:
         out.write(texts[0])
     t0 = time.perf_counter()
@@ -248,18 +255,23 @@ def sample_text(model, tok, prompt_text, max_new_tokens, num_samples=1, temperat
         if step == 0:
             first = time.perf_counter() - t0  # the prompts' pass, plus one-time warm-up (GPU; slabs_pay on a CPU)
         for i, token in enumerate(next_ids.tolist()):
+            if chat and (token == tok.end or ended[i]):  # the answer is over: the rest of this row is not shown
+                ended[i] = True
+                continue
             piece = decoders[i](token)  # "" while a character's bytes are still incomplete
             texts[i] += piece
             if stream:
                 out.write(piece)
                 out.flush()
+        if all(ended):
+            break
     ends = [decode() for decode in decoders]  # a character the last token cut off: U+FFFD
     texts = [text + end for text, end in zip(texts, ends)]
     elapsed = time.perf_counter() - t0
     out.write(ends[0] if stream else ("\n" + "-" * 80 + "\n").join(texts))
     out.write("\n")
     out.flush()
-    n = max_new_tokens * len(rows)
+    n = (step + 1) * len(rows)
     print(f"[{n} tokens in {elapsed:.2f} s: {n / elapsed:,.0f} tokens/s; the first after {first:.2f} s]",
           file=sys.stderr)
     return texts

@@ -372,7 +372,12 @@ def load_dataset():
     if DDP:
         dist.barrier()  # every process, whether or not it found the data: the others wait for it
     meta = prepare.read_meta(data_dir)
-    return meta, {split: prepare.load_split(data_dir, split, meta, block_size) for split in ("train", "val")}
+    data = {split: prepare.load_split(data_dir, split, meta, block_size) for split in ("train", "val")}
+    if "conversations" in meta:  # sft.py's: a conversation a row
+        cut, skipped = (sum(getattr(d, k) for d in data.values()) for k in ("cut", "skipped"))
+        log(f"conversations: {len(data['train']):,} train, {len(data['val']):,} val; {cut} cut after an answer and "
+            f"{skipped} left out, longer than block_size={block_size}")
+    return meta, data
 
 
 def build_model(ckpt, meta, dev):

@@ -208,6 +208,11 @@ def test_tuning_grows_the_vocabulary_keeps_the_base_and_resumes_exactly(sft_data
     assert all(torch.equal(again["model"][k], t) for k, t in ckpt["model"].items())
     model, tok = load_model(str(sft_data / "out-full" / "last.pt"))
     assert isinstance(tok, tokenizer.ChatTokenizer) and model.config.vocab_size == tok.vocab_size
+    # generate.py takes the prompt as a user's turn and prints the answer up to <|end|>
+    answer = sft.answers(model.eval(), tok, [talk("tell king")], 30)[0]
+    result = run_script("generate.py", "--init_from=out-full/last.pt", "--prompt=tell king", "--temperature=0",
+                        "--max_new_tokens=30", cwd=sft_data)
+    assert result.returncode == 0 and result.stdout == f"tell king\n{answer}\n", result.stderr
 
 
 def test_the_loss_counts_only_the_answers(sft_data):
