@@ -3,12 +3,15 @@ speaks, a base model's vocabulary grown without changing its outputs, tuning thr
 resume, GPT-2), the held-out tasks and their exact-match score."""
 
 import json
+import os
 import re
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
+import corpus
 import prepare
 import sft
 import tokenizer
@@ -338,17 +341,24 @@ def test_sft_py_writes_the_tasks_and_scores_a_base_model_by_its_next_line(base, 
 # ---- GPT-2 on an Alpaca file: the recipe of docs/sft.md, on a small random GPT-2 -----------------------------------
 
 
-def test_a_gpt2_folder_tunes_on_alpaca_records_and_answers_in_turns(tmp_path):
+def test_a_gpt2_folder_tunes_on_alpaca_records_from_a_url_and_answers_in_turns(tmp_path, monkeypatch):
     model = random_gpt2(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257)
     folder = tmp_path / "gpt2-random"
     model.save_pretrained(folder, safe_serialization=True)
     write_vocab_and_merges(tokenizer.gpt2_tokenizer(shared_file(GPT2_TIKTOKEN)), folder)
     alpaca = [dict(instruction=f"Name a number after {i}.", input="" if i % 2 else "Be brief.", output=str(i + 1))
               for i in range(30)]
-    (tmp_path / "alpaca.json").write_text(json.dumps(alpaca), encoding="utf-8")
-    result = run_script("prepare.py", "--conversations=True", "--input=alpaca.json", "--tokenizer=gpt2",
-                        f"--gpt2_vocab={folder}", "--data_dir=data/alpaca", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    (tmp_path / "served.json").write_text(json.dumps(alpaca), encoding="utf-8")
+    url = "https://example.com/data/alpaca_data.json"
+
+    def download(address, path, hint, sha256=None):  # the network, played by a local file
+        assert address == url
+        os.makedirs(os.path.dirname(path), exist_ok=True)  # as files.download does
+        shutil.copy(tmp_path / "served.json", path)
+
+    monkeypatch.setattr(corpus, "download", download)
+    prepare.prepare(url, "gpt2", str(tmp_path / "data" / "alpaca"), gpt2_vocab=str(folder), conversations=True)
+    assert prepare.read_meta(str(tmp_path / "data" / "alpaca"))["conversations"] == dict(train=27, val=3)
     for extra in ([], ["--lora_rank=4"]):
         result = run_script("train.py", f"--init_from={folder}", "--data_dir=data/alpaca", "--out_dir=out",
                             "--block_size=48", "--batch_size=2", "--max_iters=2", "--eval_interval=2",
