@@ -331,16 +331,16 @@ def prepare_conversations(files, tokenizer, data_dir, val_fraction, vocab_size, 
     folder's (that of the model to tune), gpt2, or a new char or bpe one. See the docstring for the files."""
     import sft
 
-    found = [item for path in files for item in sft.read_conversations(path)]
+    found = [item[:2] for path in files for item in sft.read_conversations(path)]
     for where, error in found:
         if isinstance(error, str):
             print(f"{where} {error}; left out", file=sys.stderr)
-    good = [messages for _, messages in found if not isinstance(messages, str)]
-    texts = lambda: (m["content"] for messages in good for m in messages)
+    good = [(where, messages) for where, messages in found if not isinstance(messages, str)]
+    texts = lambda: (m["content"] for _, messages in good for m in messages)
     tok = make_tokenizer(tokenizer, lambda: characters(texts()), texts, vocab_size, gpt2_vocab)
     tok = tokenizers.ChatTokenizer(getattr(tok, "base", tok))  # a tuned model's data folder: its base, once
     splits = {"train": [], "val": []}
-    for (where, _), messages in zip([f for f in found if not isinstance(f[1], str)], good):
+    for where, messages in good:
         try:
             ids, mask = tok.render(messages)
         except UserError as e:  # a character the base model has never seen

@@ -70,7 +70,7 @@ def checked_messages(record):
         fields = {k: record.get(k, "") for k in ("instruction", "input", "output")}
         bad = [k for k, v in fields.items() if not isinstance(v, str)]
         if bad or not fields["instruction"].strip() or not fields["output"].strip():
-            raise ValueError(f"needs a non-empty string instruction and output (and a string input, or none)")
+            raise ValueError("needs a non-empty string instruction and output (and a string input, or none)")
         question = fields["instruction"] + ("\n\n" + fields["input"] if fields["input"].strip() else "")
         return [dict(role="user", content=question), dict(role="assistant", content=fields["output"])]
     messages = record.get("messages")
@@ -87,8 +87,8 @@ def checked_messages(record):
 
 
 def read_conversations(path):
-    """[(where, messages or the error text)] for each record in a JSON Lines file, or in a JSON file holding one
-    list of records (Alpaca's), plain or gzip-compressed."""
+    """[(where, messages or the error text, the record)] for each record in a JSON Lines file, or in a JSON file
+    holding one list of records (Alpaca's), plain or gzip-compressed."""
     try:
         with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
             text = f.read()
@@ -113,9 +113,9 @@ def read_conversations(path):
         try:
             if isinstance(record, Exception):
                 raise ValueError(f"is not valid JSON ({record.msg})")
-            found.append((f"{path} {where}", checked_messages(record)))
+            found.append((f"{path} {where}", checked_messages(record), record))
         except ValueError as e:
-            found.append((f"{path} {where}", str(e)))
+            found.append((f"{path} {where}", str(e), record))
     return found
 
 
@@ -209,15 +209,11 @@ def evaluate(model, tok, records, max_new_tokens):
 def run_eval():
     from generate import load_for_sampling
 
-    found = read_conversations(tests)
     records = []
-    for where, messages in found:
+    for where, messages, record in read_conversations(tests):
         if isinstance(messages, str):
             raise UserError(f"{where} {messages}; give the test.jsonl that python sft.py wrote")
-        records.append(dict(task=None, messages=messages))
-    with open(tests, encoding="utf-8") as f:  # the task of each record, where the file names it
-        for record, line in zip(records, (line for line in f if line.strip())):
-            record["task"] = json.loads(line).get("task") or "all"
+        records.append(dict(task=str(record.get("task") or "all"), messages=messages))
     dev = configurator.pick_device(device)
     model, tok = load_for_sampling(init_from, dev, "float32")
     scores = evaluate(model, tok, records, max_new_tokens)
