@@ -368,3 +368,19 @@ def test_a_gpt2_folder_tunes_on_alpaca_records_from_a_url_and_answers_in_turns(t
         assert tuned.config.vocab_size == 50261 and tok.special["<|end|>"] == 50260
         ids = torch.tensor([tok.render(talk("Name a number after 3."), reply=True)[0]])
         assert tuned(ids)[0].shape == (1, ids.shape[1], 50261)
+
+
+def test_two_processes_tune_on_conversations_as_one_process_does_with_the_same_micro_batches(sft_data):
+    """Under torchrun each process takes every other micro-batch of conversations; one process taking them all
+    in turn makes the same step."""
+    from test_ddp import load, logged_losses, torchrun
+
+    common = ["--init_from=out/best.pt", "--data_dir=data/sft", "--block_size=48", "--batch_size=2",
+              "--gradient_accumulation_steps=2", "--max_iters=2", "--eval_interval=100", "--eval_iters=1",
+              "--log_interval=1", "--sample_length=0", "--learning_rate=1e-3", "--device=cpu"]
+    one = run_script("train.py", *common, "--out_dir=out-one", cwd=sft_data)
+    two = torchrun(*common, "--out_dir=out-two", cwd=sft_data)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    assert logged_losses(one.stdout) == logged_losses(two.stdout) and len(logged_losses(one.stdout)) == 2
+    a, b = load(sft_data / "out-one" / "last.pt")["model"], load(sft_data / "out-two" / "last.pt")["model"]
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-4) for k in a)
