@@ -20,6 +20,8 @@ as the assistant's turn, and so does a reply Ctrl-C stopped, as far as it was sh
 /system Be brief. sets the system message (/system alone clears it); /reset forgets the turns but keeps it. When
 the conversation and a reply of /length tokens outgrow block_size, the oldest turns are forgotten (a user's message
 with its reply; never the system message), with a line saying so; a message too long to fit even alone is refused.
+The page of --web does the same with a chat model: it keeps the conversation, sends all of it each time, and has a
+system message and a Reset button.
 
 With --web, Python's own http.server serves one page (chat.html, beside this file: no CDN, works offline) and a
 JSON API beside it:

@@ -1,6 +1,6 @@
 """chat.py with a chat model (a ChatTokenizer's turns): the terminal takes turns and carries the conversation, the
-API takes "messages" and stops at <|end|>, and both drop the oldest turns that no longer fit. The models are
-bigrams in a GPT's clothes, so that each reply is known beforehand."""
+API takes "messages" and stops at <|end|>, both drop the oldest turns that no longer fit, and the page keeps the
+conversation. The models are bigrams in a GPT's clothes, so that each reply is known beforehand."""
 
 import concurrent.futures
 import dataclasses
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import conftest  # noqa: F401 (first: it puts the project on sys.path)
-from test_chat import PRINTABLE, events, get, health, post, served  # noqa: F401
+from test_chat import INJECTION, PRINTABLE, browser, events, get, health, open_page, post, served  # noqa: F401
 from test_chat import serving, tiny_checkpoint
 
 import chat
@@ -248,3 +248,60 @@ def test_the_model_report_says_which_models_take_turns_and_a_base_model_takes_no
     assert 'takes no "messages" (a chat model does): send the text as "prompt"' in json.loads(response.read())["error"]
     got = events(post(served["port"], {"prompt": "Hi", "length": 3, "seed": 1}))  # and a prompt as before
     assert got[0] == {"seed": 1, "prompt_tokens": 2} and set(got[-1]) == {"done", "tokens", "seconds", "tokens_per_s"}
+
+
+# -----------------------------------------------------------------------------
+# The page, in a real browser
+
+
+def test_the_page_takes_turns_sends_the_conversation_and_shows_each_reply_as_text(tmp_path, browser, monkeypatch):
+    from selenium.common.exceptions import NoAlertPresentException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    prompts, stream = [], chat.Handler.stream
+
+    def recording(handler, ids, settings, dropped=None):
+        prompts.append(ids)
+        return stream(handler, ids, settings, dropped)
+
+    monkeypatch.setattr(chat.Handler, "stream", recording)
+    with serving(replying(tmp_path / "hi.pt", "hi!", block_size=128), "--max_length=64") as server:
+        tok = server["tok"]
+        element = open_page(browser, f"http://127.0.0.1:{server['port']}/", "", 10)
+        assert "a chat model" in element("model").text and element("generate").text == "Send"
+        assert not element("continue").is_displayed() and element("system").is_displayed()
+        turns = lambda: [(t.find_element(By.TAG_NAME, "b").text, t.find_element(By.TAG_NAME, "span").text)
+                         for t in browser.find_elements(By.CSS_SELECTOR, "#output .turn")]
+        element("temperature").clear()
+        element("temperature").send_keys("0")
+        element("system").send_keys("Be brief.")
+        element("prompt").send_keys(INJECTION)
+        replied = lambda n: lambda _: len(turns()) == 2 * n and "tokens/s (seed" in element("status").text
+        element("generate").click()
+        WebDriverWait(browser, 30).until(replied(1))
+        element("prompt").send_keys("and you?" + Keys.ENTER)  # Enter sends
+        WebDriverWait(browser, 30).until(replied(2))
+        assert turns() == [("you", INJECTION), ("model", "hi!"), ("you", "and you?"), ("model", "hi!")]
+        first, second = user(INJECTION), user("and you?")
+        assert prompts == [rendered(tok, [SYSTEM] + first), rendered(tok, [SYSTEM] + first + [HI] + second)]
+        assert browser.find_elements(By.TAG_NAME, "img") == [] and element("prompt").get_attribute("value") == ""
+        with pytest.raises(NoAlertPresentException):
+            browser.switch_to.alert.text
+        element("prompt").send_keys("x" * 60 + Keys.ENTER)  # too long for all of it: the first exchange goes
+        WebDriverWait(browser, 30).until(replied(3))
+        assert prompts[2] == rendered(tok, [SYSTEM] + second + [HI] + user("x" * 60))
+        classes = [t.get_attribute("class") for t in browser.find_elements(By.CSS_SELECTOR, "#output .turn")]
+        assert classes == ["turn user forgotten", "turn assistant forgotten"] + ["turn user", "turn assistant"] * 2
+        element("prompt").send_keys("y" + Keys.ENTER)  # the page keeps only what the server kept
+        WebDriverWait(browser, 30).until(replied(4))
+        assert prompts[3] == rendered(tok, [SYSTEM] + second + [HI] + user("x" * 60) + [HI] + user("y"))
+        assert browser.execute_script("return conversation.length") == 6
+        element("reset").click()
+        assert turns() == []
+        element("system").clear()
+        element("prompt").send_keys("again")
+        element("generate").click()
+        WebDriverWait(browser, 30).until(replied(1))
+        assert turns() == [("you", "again"), ("model", "hi!")] and prompts[4] == rendered(tok, user("again"))
