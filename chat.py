@@ -1,5 +1,6 @@
 """
-chat.py: talk to a model: type a text and watch the model continue it, in this terminal or in a browser.
+chat.py: talk to a model: type a text and watch the model continue it, or take turns with a chat model, in this
+terminal or in a browser.
 
     python chat.py                                   # the model train.py wrote, out/best.pt, in this terminal
     python chat.py --init_from=gpt2 --temperature=0.7 --top_k=40      # OpenAI's GPT-2, as in generate.py
@@ -12,17 +13,36 @@ it is made; an empty line lets the model go on. Commands change the sampling: /t
 /top_p 0.9, /length 200, /seed 7; /reset forgets the conversation; /help, /quit. Ctrl-C stops a reply and returns
 to the prompt; Ctrl-D leaves.
 
+A chat model (a checkpoint whose tokenizer is a ChatTokenizer, as sft.py tunes) takes turns instead: each line is
+the user's message, the prompt is the whole conversation rendered with the chat template and <|assistant|> at the
+end, and the reply streams until the model's <|end|> (not shown) or /length tokens; it then joins the conversation
+as the assistant's turn, and so does a reply Ctrl-C stopped, as far as it was shown. An empty line does nothing.
+/system Be brief. sets the system message (/system alone clears it); /reset forgets the turns but keeps it. When
+the conversation and a reply of /length tokens outgrow block_size, the oldest turns are forgotten (a user's message
+with its reply; never the system message), with a line saying so; a message too long to fit even alone is refused.
+The page of --web does the same with a chat model: it keeps the conversation, sends all of it each time, and has a
+system message and a Reset button.
+
 With --web, Python's own http.server serves one page (chat.html, beside this file: no CDN, works offline) and a
 JSON API beside it:
 
     GET  /api/health     {"status": "ok", "generating": 1, "served": 12, "stopped": 1, "failed": 0, "tokens": 2600,
                           "restarts": 0}
-    GET  /api/model      what is loaded: name, parameters, block_size, tokenizer, device, defaults and limits
+    GET  /api/model      what is loaded: name, parameters, block_size, tokenizer, "chat": true for a chat model,
+                         device, defaults and limits
     POST /api/generate   {"prompt": "ROMEO:", "temperature": 0.8, "top_k": 0, "top_p": 1.0, "length": 200,
                           "seed": 7}, Content-Type: application/json -> server-sent events as the tokens are made:
                          data: {"seed": 7, "prompt_tokens": 6}, then one data: {"token": 1, "text": "\\n"} per
                          token, then data: {"done": true, "tokens": 200, "seconds": 0.4, "tokens_per_s": 500.0},
                          or data: {"error": "..."} if the generation fails
+                         A chat model takes "messages" instead of "prompt": [{"role": "system", "content": "Be
+                         brief."}, {"role": "user", "content": "Hi"}, ...]: roles system (first only), user and
+                         assistant, the last the user's, at most --max_prompt characters in all. The oldest turns
+                         that do not fit go, as in the terminal: the first event says how many messages
+                         ("dropped": 2), and the done event why the reply ended: "stop": "end" at the model's <|end|>
+                         (never sent as a token), "length" at the length. The tokens are generate.py's for the
+                         rendered prompt and seed, up to the first <|end|>. A base model refuses "messages", and a
+                         chat model "prompt".
 
 Settings a request leaves out are the server's; without a seed it gets a random one (the first event names it).
 The same prompt, seed and settings give exactly the tokens `python generate.py` gives, and the same values are
@@ -63,6 +83,7 @@ import torch
 import configurator
 from configurator import UserError
 from generate import SAMPLING_RANGES, Batch, check_sampling, generate, load_for_sampling, sample_next, text_decoder
+from tokenizer import ROLES, ChatTokenizer
 
 # -----------------------------------------------------------------------------
 init_from = "out/best.pt"  # a checkpoint of train.py's, or GPT-2: gpt2, gpt2-medium, ..., or a GPT-2 folder
@@ -131,32 +152,70 @@ def tokens(model, ids, settings, generator):
         yield next_id.item()
 
 
+def conversation_prompt(tok, messages, length, block_size):
+    """A chat model's prompt for its next reply, as (ids, dropped): the messages (a system message first, if
+    any, then the turns, the last one the user's) rendered with <|assistant|> at the end. While the prompt and a
+    reply of `length` tokens do not fit in block_size, the oldest turn goes (a user's message with the replies
+    after it; the system message stays): `dropped` messages in all. ValueError if even the last turn does not fit."""
+    system = leading_system(messages)
+    try:
+        pieces = [tok.render([message])[0] for message in messages]  # the prompt is their ids one after another
+    except UserError as e:  # text the tokenizer cannot encode
+        raise ValueError(str(e)) from None
+    first = system  # the first turn kept
+    while (size := sum(map(len, pieces[:system] + pieces[first:])) + 1 + length) > block_size:  # 1: <|assistant|>
+        if first == len(messages) - 1:
+            raise ValueError(f"the last message{' with the system message' if system else ''} and a reply of "
+                             f"{length} tokens need {size} positions, more than this model's block_size of "
+                             f"{block_size}; write less, or ask for a shorter reply (length)")
+        first += 1
+        while first < len(messages) - 1 and messages[first]["role"] != "user":
+            first += 1
+    ids = [i for piece in pieces[:system] + pieces[first:] for i in piece] + [tok.special["<|assistant|>"]]
+    return ids, first - system
+
+
+def leading_system(messages):
+    """1 if the conversation starts with a system message, else 0."""
+    return int(bool(messages) and messages[0]["role"] == "system")
+
+
 def describe(model, tok):
+    turns = "; a chat model: it takes turns with you" if isinstance(tok, ChatTokenizer) else ""
     return (f"{init_from}: {model.num_params() / 1e6:.2f}M parameters, {tok.vocab_size:,} tokens, "
-            f"block_size {model.config.block_size}, on {model.lm_head.weight.device}")
+            f"block_size {model.config.block_size}, on {model.lm_head.weight.device}{turns}")
 
 
 # -----------------------------------------------------------------------------
 # The terminal
 
-HELP = """commands:
+SETTINGS_HELP = """commands:
   /temperature 0.7   < 1 sharpens the distribution, > 1 flattens it; 0 always takes the most likely token
   /top_k 40          sample only among the 40 most likely tokens (0: all)
   /top_p 0.9         sample only among the most likely tokens that add up to 0.9 (1: all)
   /length 200        tokens per reply
   /seed 7            start the random generator again from seed 7
-  /settings          show the settings
+  /settings          show the settings"""
+HELP = SETTINGS_HELP + """
   /reset             forget the conversation
   /help, /quit       this text; leave (as does Ctrl-D)
 a line of text joins the conversation and the model continues it; an empty line lets it go on; Ctrl-C stops it"""
+TURNS_HELP = SETTINGS_HELP + """
+  /system Be brief.  the system message, which the model reads before the conversation (/system alone: none)
+  /reset             forget the conversation (the system message stays)
+  /help, /quit       this text; leave (as does Ctrl-D)
+a line is your turn: the model replies until its <|end|> or /length tokens; Ctrl-C stops a reply, which stays"""
 
 
 def chat(model, tok):
-    """Read lines until Ctrl-D or /quit: each one is a command, or text that the model continues."""
+    """Read lines until Ctrl-D or /quit: each one is a command, or text that the model continues (a chat model:
+    a turn, which the model answers)."""
     settings = {name: globals()[name] for name in SAMPLING}
-    history = []  # the conversation so far, as token ids
+    turns = isinstance(tok, ChatTokenizer)
+    history = []  # the conversation so far: token ids, or a chat model's messages (the system message first)
     generator = torch.Generator(model.lm_head.weight.device).manual_seed(seed)
-    print(f"{describe(model, tok)}\ntype a text and the model continues it; /help lists the commands")
+    you = "type a message and the model replies" if turns else "type a text and the model continues it"
+    print(f"{describe(model, tok)}\n{you}; /help lists the commands")
     with CtrlC() as ctrl_c:
         while True:
             try:
@@ -168,8 +227,12 @@ def chat(model, tok):
                 print()
                 return
             if line.startswith("/"):
-                if not command(line, settings, history, generator):
+                if not command(line, settings, history, generator, tok):
                     return
+                continue
+            if turns:
+                if line:  # an empty line is no turn
+                    turn(model, tok, history, line, settings, generator, ctrl_c)
                 continue
             try:
                 history += encode(tok, line)
@@ -182,17 +245,29 @@ def chat(model, tok):
             reply(model, tok, history, settings, generator, ctrl_c)
 
 
-def command(line, settings, history, generator):
+def command(line, settings, history, generator, tok):
     """Run one /command; False when it is /quit."""
     name, _, value = line[1:].strip().partition(" ")
-    value = value.strip()
+    value, turns = value.strip(), isinstance(tok, ChatTokenizer)
     if name == "quit":
         return False
     if name == "help":
-        print(HELP)
+        print(TURNS_HELP if turns else HELP)
     elif name == "reset":
-        history.clear()
+        del history[leading_system(history) if turns else 0 :]
         print("(the conversation is forgotten)")
+    elif name == "system" and not turns:
+        print("error: /system is for a chat model, which takes turns; this one continues text")
+    elif name == "system":
+        try:
+            encode(tok, value)
+        except ValueError as e:
+            print(f"error: {e}")
+            return True
+        del history[: leading_system(history)]
+        if value:
+            history.insert(0, {"role": "system", "content": value})
+        print(f"(the system message is now: {value})" if value else "(no system message)")
     elif name == "settings":
         print(", ".join(f"{k} = {v}" for k, v in settings.items()))
     elif name in settings:
@@ -209,14 +284,37 @@ def command(line, settings, history, generator):
     return True
 
 
-def reply(model, tok, history, settings, generator, ctrl_c):
-    """Continue the conversation, printing each token's text as it comes, until the length or Ctrl-C."""
+def turn(model, tok, history, line, settings, generator, ctrl_c):
+    """One exchange with a chat model: the line is the user's turn, and the reply (until <|end|>) the assistant's,
+    kept in the history even if Ctrl-C stopped it. The oldest turns go when the conversation outgrows block_size."""
+    history.append({"role": "user", "content": line})
+    block_size = model.config.block_size
+    try:
+        ids, dropped = conversation_prompt(tok, history, settings["length"], block_size)
+    except ValueError as e:
+        history.pop()
+        print(f"error: {e}")
+        return
+    if dropped:
+        del history[leading_system(history) : leading_system(history) + dropped]
+        print(f"(the oldest {dropped} messages are forgotten: with a reply of /length {settings['length']} "
+              f"tokens, the conversation outgrew block_size {block_size})")
+    prompt = len(ids)
+    reply(model, tok, ids, settings, generator, ctrl_c, end=tok.end)
+    history.append({"role": "assistant", "content": tok.decode(ids[prompt:])})
+
+
+def reply(model, tok, history, settings, generator, ctrl_c, end=None):
+    """Continue the conversation, printing each token's text as it comes, until the length, the token `end` (a
+    chat model's <|end|>, which is not shown) or Ctrl-C."""
     decode = text_decoder(tok)
     text = ""
     for token in tokens(model, history, settings, generator):
         if ctrl_c.pressed:  # during the prompt's pass or since the last token: this one is not shown
             text += " [stopped]"
             print(" [stopped]", end="")
+            break
+        if token == end:
             break
         history.append(token)  # what was shown is part of the conversation, even if stopped
         piece = decode(token)
@@ -298,6 +396,7 @@ class Server(ThreadingHTTPServer):
         weight = model.lm_head.weight
         self.info = {"init_from": init_from, "parameters": model.num_params(), "block_size": model.config.block_size,
                      "vocab_size": tok.vocab_size, "tokenizer": type(tok).__name__, "device": str(weight.device),
+                     "chat": isinstance(tok, ChatTokenizer),
                      "dtype": str(weight.dtype).removeprefix("torch."),
                      "defaults": {name: globals()[name] for name in SAMPLING if name != "seed"},
                      "limits": {"max_prompt": max_prompt, "max_length": max_length, "max_streams": max_streams}}
@@ -354,6 +453,8 @@ class Server(ThreadingHTTPServer):
         batch.append([t if isinstance(t, int) else 0 for t in outcomes])
         for i in reversed(range(len(jobs))):
             job, outcome = jobs[i], outcomes[i]
+            if isinstance(outcome, int) and outcome == job.end:  # a chat model's <|end|>: the reply is complete,
+                job.ended, outcome = "end", None  # and the token is not sent
             job.tokens.put(outcome)
             if isinstance(outcome, int):
                 job.made += 1
@@ -426,7 +527,8 @@ class Handler(BaseHTTPRequestHandler):
         if self.path != "/api/generate":
             return self.send_json(404, {"error": f"nothing to POST at {self.path[:100]}; use /api/generate"})
         try:
-            ids, settings = read_request(self.headers, self.rfile, self.server.tok)
+            ids, settings, dropped = read_request(self.headers, self.rfile, self.server.tok,
+                                                  self.server.model.config.block_size)
         except ValueError as e:
             return self.send_json(400, {"error": str(e)})
         with self.server.lock:
@@ -435,14 +537,16 @@ class Handler(BaseHTTPRequestHandler):
         if busy:
             return self.send_json(503, {"error": f"busy: {max_streams} generations are running (--max_streams); "
                                                  f"try again shortly"})
-        self.stream(ids, settings)
+        self.stream(ids, settings, dropped)
 
-    def stream(self, ids, settings):
-        """Send the reply's tokens as server-sent events while they are made; stop when the client goes away."""
-        server = self.server
+    def stream(self, ids, settings, dropped=None):
+        """Send the reply's tokens as server-sent events while they are made; stop when the client goes away.
+        dropped: for a chat model's reply, the number of oldest messages its prompt left out (else None)."""
+        server, turns = self.server, dropped is not None
         generator = torch.Generator(server.model.lm_head.weight.device).manual_seed(settings["seed"])
         job = SimpleNamespace(ids=ids, settings=settings, generator=generator, tokens=queue.SimpleQueue(), made=0,
-                              stop=False)  # a row of the model thread's batch, with a random generator of its own
+                              stop=False, end=server.tok.end if turns else None, ended="length")
+        # a row of the model thread's batch, with a random generator of its own; `end` ends it (a chat model's)
         server.model_thread_running()
         job.thread = server.model_thread  # the thread that takes it from the inbox
         server.inbox.put(job)
@@ -452,14 +556,15 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-store")
             self.end_headers()
-            self.event({"seed": settings["seed"], "prompt_tokens": len(ids)})
+            self.event({"seed": settings["seed"], "prompt_tokens": len(ids),
+                        **({"dropped": dropped} if turns else {})})
             while isinstance(token := self.next_token(job), int):
                 made += 1
                 self.event({"token": token, "text": decode(token)})
             if token is None:
                 seconds = time.perf_counter() - t0
                 self.event({"done": True, "tokens": made, "seconds": round(seconds, 3),
-                            "tokens_per_s": round(made / seconds, 1)})
+                            "tokens_per_s": round(made / seconds, 1), **({"stop": job.ended} if turns else {})})
                 outcome = "served"
             else:
                 outcome, self.note = "failed", f"failed after {made} tokens: {failure(token)}"
@@ -513,8 +618,9 @@ def named(error):
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
-def read_request(headers, body, tok):
-    """A POST /api/generate -> (the prompt's token ids, the settings); ValueError with a one-line reason if bad."""
+def read_request(headers, body, tok, block_size):
+    """A POST /api/generate -> (the prompt's token ids, the settings, and for a chat model the number of oldest
+    messages its prompt leaves out, else None); ValueError with a one-line reason if bad."""
     if headers.get_content_type() != "application/json":
         raise ValueError('send the request as JSON, with "Content-Type: application/json"')
     most = 12 * max_prompt + 1000  # one character is at most 12 bytes of JSON (an escaped surrogate pair)
@@ -538,17 +644,52 @@ def read_request(headers, body, tok):
         raise ValueError('the request is not JSON; send an object like {"prompt": "ROMEO:", "length": 100}')
     if not isinstance(request, dict):
         raise ValueError('the request must be a JSON object like {"prompt": "ROMEO:", "length": 100}')
-    unknown = sorted(set(request) - {"prompt", *SAMPLING})
+    turns = isinstance(tok, ChatTokenizer)
+    field = "messages" if turns else "prompt"
+    unknown = sorted(set(request) - {field, *SAMPLING})
+    if "prompt" in unknown:
+        raise ValueError('this is a chat model: send "messages", the conversation, like '
+                         '[{"role": "user", "content": "Hi"}], rather than "prompt"')
+    if "messages" in unknown:
+        raise ValueError('this model continues text, and takes no "messages" (a chat model does): send the text '
+                         'as "prompt"')
     if unknown:
-        raise ValueError(f"unknown field {unknown[0][:40]!r}; the fields are prompt, {', '.join(SAMPLING)}")
+        raise ValueError(f"unknown field {unknown[0][:40]!r}; the fields are {field}, {', '.join(SAMPLING)}")
+    defaults = {name: globals()[name] for name in SAMPLING} | {"seed": random.randrange(2**31)}
+    if turns:
+        messages = checked_messages(request.get("messages"))
+        settings = {name: checked(name, request.get(name, defaults[name])) for name in SAMPLING}
+        ids, dropped = conversation_prompt(tok, messages, settings["length"], block_size)  # the oldest turns go
+        return ids, settings, dropped
     prompt = request.get("prompt")
     if not isinstance(prompt, str) or not prompt:
         raise ValueError('give the text to continue as "prompt", a string that is not empty')
     if len(prompt) > max_prompt:
         raise ValueError(f"the prompt has {len(prompt)} characters; at most {max_prompt} are accepted")
-    defaults = {name: globals()[name] for name in SAMPLING} | {"seed": random.randrange(2**31)}
     settings = {name: checked(name, request.get(name, defaults[name])) for name in SAMPLING}
-    return encode(tok, prompt), settings
+    return encode(tok, prompt), settings, None
+
+
+def checked_messages(messages):
+    """A request's "messages" if they are a conversation a chat model can answer, else ValueError saying why: a
+    list of {"role", "content"}, a system message first if any, the user's last, at most max_prompt characters."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError('give the conversation as "messages", a list that is not empty, like '
+                         '[{"role": "user", "content": "Hi"}]')
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or set(message) != {"role", "content"}:
+            raise ValueError(f'message {i} must be an object with a "role" and a "content" and nothing else, like '
+                             f'{{"role": "user", "content": "Hi"}}')
+        if message["role"] not in ROLES or message["role"] == "system" and i > 0:
+            raise ValueError(f"message {i} has the role {json.dumps(message['role'])[:40]}; the roles are "
+                             f"{', '.join(ROLES)}, and only the first message may be the system's")
+        if not isinstance(message["content"], str):
+            raise ValueError(f"message {i}'s content must be a string, got {json.dumps(message['content'])[:40]}")
+    if messages[-1]["role"] != "user":
+        raise ValueError("the last message must be the user's: it is the one the model answers")
+    if (size := sum(len(message["content"]) for message in messages)) > max_prompt:
+        raise ValueError(f"the messages have {size} characters; at most {max_prompt} are accepted")
+    return messages
 
 
 def serve(model, tok):

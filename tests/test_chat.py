@@ -9,6 +9,7 @@ Run as a script, this file's browser code takes the README's screenshot of a run
 """
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import http.client
 import json
@@ -71,21 +72,30 @@ def reference(model, tok, prompt, length, seed, temperature=0.8, top_k=0, top_p=
     return [t.item() for t in generate(model, idx, length, temperature, top_k, top_p, generator)]
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """A chat.py server on a free port, in a thread of this process, serving a tiny model."""
-    path = tiny_checkpoint(tmp_path_factory.mktemp("chat") / "tiny.pt")
-    configurator.configure(vars(chat), [f"--init_from={path}", "--device=cpu", "--max_length=3000",
-                                        "--max_prompt=200", "--max_streams=8"])
+@contextlib.contextmanager
+def serving(path, *settings):
+    """A chat.py server on a free port, in a thread of this process, serving the checkpoint at `path` with these
+    command-line settings; yields dict(port, path, model, tok)."""
+    configurator.configure(vars(chat), [f"--init_from={path}", "--device=cpu", *settings])
     model, tok = load_for_sampling(path, "cpu", "float32")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a model this small runs fastest on one thread, and the tests share the cores
     server = chat.Server(("127.0.0.1", 0), model, tok)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield dict(port=server.server_port, path=path, model=model, tok=tok)
-    server.shutdown()
-    server.server_close()
-    torch.set_num_threads(threads)
+    try:
+        yield dict(port=server.server_port, path=path, model=model, tok=tok)
+    finally:
+        server.shutdown()
+        server.server_close()
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A chat.py server serving a tiny model."""
+    path = tiny_checkpoint(tmp_path_factory.mktemp("chat") / "tiny.pt")
+    with serving(path, "--max_length=3000", "--max_prompt=200", "--max_streams=8") as server:
+        yield server
 
 
 def post(port, body, content_type="application/json", length=None):
