@@ -18,8 +18,9 @@ the user's message, the prompt is the whole conversation rendered with the chat 
 end, and the reply streams until the model's <|end|> (not shown) or /length tokens; it then joins the conversation
 as the assistant's turn, and so does a reply Ctrl-C stopped, as far as it was shown. An empty line does nothing.
 /system Be brief. sets the system message (/system alone clears it); /reset forgets the turns but keeps it. When
-the conversation and a reply of /length tokens outgrow block_size, the oldest turns are forgotten (a user's message
-with its reply; never the system message), with a line saying so; a message too long to fit even alone is refused.
+the conversation and room for a reply (/length tokens, at most half of block_size) outgrow block_size, the oldest
+turns are forgotten (a user's message with its reply; never the system message), with a line saying so; a message
+too long to fit even alone is refused.
 The page of --web does the same with a chat model: it keeps the conversation, sends all of it each time, and has a
 system message and a Reset button.
 
@@ -155,9 +156,12 @@ def tokens(model, ids, settings, generator):
 def conversation_prompt(tok, messages, length, block_size):
     """A chat model's prompt for its next reply, as (ids, dropped): the messages (a system message first, if
     any, then the turns, the last one the user's) rendered with <|assistant|> at the end. While the prompt and a
-    reply of `length` tokens do not fit in block_size, the oldest turn goes (a user's message with the replies
-    after it; the system message stays): `dropped` messages in all. ValueError if even the last turn does not fit."""
+    reply of `length` tokens, or half of block_size if that is less, do not fit in block_size, the oldest turn
+    goes (a user's message with the replies after it; the system message stays): `dropped` messages in all.
+    ValueError if even the last turn does not fit. (A reply that runs past block_size goes on as generate.py's
+    do: from the last 3/4 of its context.)"""
     system = leading_system(messages)
+    length = min(length, block_size // 2)  # room kept for the reply
     try:
         pieces = [tok.render([message])[0] for message in messages]  # the prompt is their ids one after another
     except UserError as e:  # text the tokenizer cannot encode
@@ -297,8 +301,9 @@ def turn(model, tok, history, line, settings, generator, ctrl_c):
         return
     if dropped:
         del history[leading_system(history) : leading_system(history) + dropped]
-        print(f"(the oldest {dropped} messages are forgotten: with a reply of /length {settings['length']} "
-              f"tokens, the conversation outgrew block_size {block_size})")
+        room = min(settings["length"], block_size // 2)
+        print(f"(the oldest {dropped} messages are forgotten: with room for a reply of {room} tokens, the "
+              f"conversation outgrew block_size {block_size})")
     prompt = len(ids)
     reply(model, tok, ids, settings, generator, ctrl_c, end=tok.end)
     history.append({"role": "assistant", "content": tok.decode(ids[prompt:])})
