@@ -42,7 +42,6 @@ import sys
 import time
 
 import numpy as np
-import torch
 
 import configurator
 from configurator import UserError
@@ -474,9 +473,9 @@ class Conversations:
         return len(self.starts)
 
     def rows(self, index, block_size):
-        """(x, y), both (B, block_size) int64: conversation index[b] in row b from position 0, then padding. y is
-        the next token where the assistant speaks and -1 (no loss) everywhere else. Attention is causal, so no
-        position of a conversation ever sees the padding after it."""
+        """(x, y), both (B, block_size) int64 arrays: conversation index[b] in row b from position 0, then
+        padding. y is the next token where the assistant speaks and -1 (no loss) everywhere else. Attention is
+        causal, so no position of a conversation ever sees the padding after it."""
         x = np.zeros((len(index), block_size), dtype=np.int64)
         y = np.full((len(index), block_size), -1, dtype=np.int64)
         for b, i in enumerate(index):
@@ -484,7 +483,7 @@ class Conversations:
             ids, learn = self.ids[start : start + n].astype(np.int64), self.mask[start + 1 : start + n]
             x[b, : n - 1] = ids[:-1]
             y[b, : n - 1] = np.where(learn == 1, ids[1:], -1)
-        return torch.from_numpy(x), torch.from_numpy(y)
+        return x, y
 
 
 class Shards:

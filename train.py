@@ -126,7 +126,7 @@ def batch(data, offsets, device):
     or, for conversations (sft.py), the conversations numbered `offsets`, a row each, with targets only where the
     assistant speaks (prepare.Conversations)."""
     if isinstance(data, prepare.Conversations):
-        x, y = data.rows(offsets, block_size)
+        x, y = map(torch.from_numpy, data.rows(offsets, block_size))
     else:
         window = torch.from_numpy(data[offsets[:, None] + np.arange(block_size + 1)].astype(np.int64))  # (B, T + 1)
         x, y = window[:, :-1], window[:, 1:]

@@ -225,7 +225,7 @@ def test_the_loss_counts_only_the_answers(sft_data):
 
     meta = prepare.read_meta(str(sft_data / "data" / "sft"))
     data = prepare.load_split(str(sft_data / "data" / "sft"), "train", meta, 48)
-    x, y = data.rows(np.arange(8), 48)
+    x, y = map(torch.from_numpy, data.rows(np.arange(8), 48))
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=meta["vocab_size"], n_layer=1, n_head=2, n_embd=16, block_size=48))
     _, loss = model(x, y)
