@@ -564,8 +564,13 @@ class Handler(BaseHTTPRequestHandler):
             self.event({"seed": settings["seed"], "prompt_tokens": len(ids),
                         **({"dropped": dropped} if turns else {})})
             while isinstance(token := self.next_token(job), int):
-                made += 1
-                self.event({"token": token, "text": decode(token)})
+                tokens = [token]  # and those that came while this thread waited for its turn: one write for all
+                while not job.tokens.empty() and isinstance(token := job.tokens.get(), int):
+                    tokens.append(token)
+                made += len(tokens)
+                self.event(*({"token": t, "text": decode(t)} for t in tokens))
+                if not isinstance(token, int):  # the end (None), or the error, came right after them
+                    break
             if token is None:
                 seconds = time.perf_counter() - t0
                 self.event({"done": True, "tokens": made, "seconds": round(seconds, 3),
@@ -592,8 +597,8 @@ class Handler(BaseHTTPRequestHandler):
                     self.server.model_thread_running()  # a fresh thread for the generations to come
                     return RuntimeError("the model's thread stopped; send the request again")
 
-    def event(self, data):
-        self.wfile.write(f"data: {json.dumps(data)}\n\n".encode())
+    def event(self, *events):
+        self.wfile.write("".join(f"data: {json.dumps(data)}\n\n" for data in events).encode())
 
     def send_json(self, status, data):
         self.send(status, json.dumps(data).encode() + b"\n", "application/json")
