@@ -25,8 +25,8 @@ with --quantize=int8, cached sampling with the weights in --dtype and in int8 (f
 the memory their weights take.
 
 Batches (--what=batch) generates --max_new_tokens tokens for each of 1, 8, 32 (--batches) different random prompts
-of random lengths on a model of the given shape, all together in one batch (generate.Batch) and one prompt at a
-time, taking turns, and prints the tokens/s of each and their ratio.
+of random lengths (1 to 64 tokens, at most half of block_size) on a model of the given shape, all together in one
+batch (generate.Batch) and one prompt at a time, taking turns, and prints the tokens/s of each and their ratio.
 
 Tokenizing (--what=tokenize) times BPE training on input.txt, GPT-2's encoding of it, and the worst case for BPE:
 one long chunk with no spaces (20,000 random letters), each the best of --repeat runs (tiktoken too, if installed).
@@ -231,7 +231,8 @@ def bench_batch():
     print(f"{'prompts':>8s}{'together tok/s':>16s}{'one at a time':>15s}{'ratio':>8s}")
     rng = random.Random(0)
     for n in (int(b) for b in batches.split(",")):
-        prompts = [[rng.randrange(vocab_size) for _ in range(rng.randint(1, block_size // 2))] for _ in range(n)]
+        prompts = [[rng.randrange(vocab_size) for _ in range(rng.randint(1, min(64, block_size // 2)))]
+                   for _ in range(n)]  # 1 to 64 tokens (at most half the block): a chat's prompts, not a book's
         ways = {"together": [prompts], "one at a time": [[p] for p in prompts]}
         speeds = {way: [] for way in ways}
         for _ in range(repeat):  # taking turns, so that a noisy neighbour slows both alike
