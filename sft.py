@@ -40,6 +40,7 @@ import torch
 import configurator
 from configurator import UserError
 from files import make_folder, write_atomically
+from tokenizer import ROLES
 
 # -----------------------------------------------------------------------------
 what = "tasks"  # 'tasks': write the task conversations; 'eval': a model's exact-match accuracy on the held-out ones
@@ -53,8 +54,6 @@ max_new_tokens = 24  # eval: the longest answer a model may give
 seed = 1337
 device = "auto"
 # -----------------------------------------------------------------------------
-
-ROLES = ("system", "user", "assistant")
 
 
 # -----------------------------------------------------------------------------
