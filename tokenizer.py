@@ -457,12 +457,18 @@ def gpt2_from_tiktoken(path):
     merges = []
     for rank, token in enumerate(tokens[256:], 256):
         parts = [token[i:i + 1] for i in range(len(token))]
-        while len(parts) > 2:  # merge the earliest-learned adjacent pair, as BPE does
-            pair_ranks = [ranks.get(a + b, rank) for a, b in zip(parts, parts[1:])]
-            i = min(range(len(pair_ranks)), key=pair_ranks.__getitem__)
-            if pair_ranks[i] == rank:  # no earlier token joins any two parts
+        pair_ranks = [ranks.get(token[i:i + 2], rank) for i in range(len(token) - 1)]  # rank: no earlier token
+        while len(parts) > 2:  # merge the earliest-learned adjacent pair (the leftmost of equals), as BPE does
+            best = min(pair_ranks)
+            if best == rank:  # no earlier token joins any two parts
                 break
+            i = pair_ranks.index(best)
             parts[i:i + 2] = [parts[i] + parts[i + 1]]
+            del pair_ranks[i]  # and only the pairs beside the new part change
+            if i > 0:
+                pair_ranks[i - 1] = ranks.get(parts[i - 1] + parts[i], rank)
+            if i < len(pair_ranks):
+                pair_ranks[i] = ranks.get(parts[i] + parts[i + 1], rank)
         if len(parts) != 2:
             raise file_error(path, f"a BPE rank file (token {rank} is not a merge of two earlier tokens)")
         merges.append((ranks[parts[0]], ranks[parts[1]]))
