@@ -208,11 +208,11 @@ def encode_texts(tok, texts, allowed_special):
     return [np.array(tok.encode(t, allowed_special=allowed_special), dtype=np.uint16) for t in texts]
 
 
-WORKER = {}  # a worker process's tokenizer, built once
+WORKER = {}  # the tokenizer a worker process encodes with
 
 
-def start_worker(tok_dict, allowed_special):
-    WORKER.update(tok=tokenizers.from_dict(tok_dict), allowed_special=allowed_special)
+def start_worker(tok, allowed_special):
+    WORKER.update(tok=tok, allowed_special=allowed_special)
     threading.Thread(target=exit_with_parent, args=(os.getppid(),), daemon=True).start()
 
 
@@ -227,16 +227,29 @@ def work(texts):
     return encode_texts(WORKER["tok"], texts, WORKER["allowed_special"])
 
 
+def worker_context():
+    """How workers start. 'fork' copies this process, so a worker begins at once with the tokenizer built here;
+    'spawn' starts a fresh interpreter, which imports, gets the tokenizer pickled and compiles its pattern before
+    its first task. But fork copies only the calling thread: a lock that another thread holds (a Python thread's,
+    torch's thread pools', a process group's) would stay locked in the copy for ever. So fork only on Linux
+    (macOS's system libraries are not safe to fork), with no other Python thread and no torch loaded (train.py
+    prepares its data with torch loaded). The idle thread pool of numpy's BLAS is no matter: workers never call
+    BLAS."""
+    if sys.platform == "linux" and threading.active_count() == 1 and "torch" not in sys.modules:
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
+
+
 def encoded(tok, tasks, workers, allowed_special=False):
     """(info, [ids of each text]) for each (info, texts) of `tasks`, in order; ids as uint16 arrays. One worker
-    encodes here; more are fresh processes ('spawn': nothing of this process, such as torch.distributed's
-    state, is inherited), with two tasks each at most in flight, so memory stays bounded."""
+    encodes here; more are processes of their own (worker_context), with two tasks each at most in flight, so
+    memory stays bounded."""
     if workers == 1:
         for info, texts in tasks:
             yield info, encode_texts(tok, texts, allowed_special)
         return
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=start_worker,
-                               initargs=(tok.to_dict(), allowed_special))
+    pool = ProcessPoolExecutor(workers, mp_context=worker_context(), initializer=start_worker,
+                               initargs=(tok, allowed_special))
     pending = collections.deque()
     try:
         for info, texts in tasks:

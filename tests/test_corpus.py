@@ -3,6 +3,7 @@ number of workers, held out by document, shards that a killed run keeps, bounded
 
 import gzip
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -61,16 +62,18 @@ def small_pieces(monkeypatch):
     monkeypatch.setattr(corpus, "BLOCK_BYTES", 97)
 
 
-def test_every_document_gets_tiktokens_ids_and_a_separator_on_any_number_of_workers(tmp_path, small_pieces):
+def test_every_document_gets_tiktokens_ids_and_a_separator_on_any_number_of_workers(tmp_path, small_pieces,
+                                                                                    monkeypatch):
     texts = write_corpus(tmp_path / "in")
     enc = gpt2_reference()
     outputs = []
-    for workers in (1, 2):
-        out = tmp_path / f"out{workers}"
+    for workers, start in ((1, None), (2, "fork"), (2, "spawn")):  # workers copied from this process, or fresh
+        monkeypatch.setattr(corpus, "worker_context", lambda: multiprocessing.get_context(start))
+        out = tmp_path / f"out{workers}{start}"
         prepare.prepare(input=str(tmp_path / "in"), tokenizer="gpt2", gpt2_vocab=shared_file(GPT2_TIKTOKEN),
                         data_dir=str(out), val_fraction=0.25, workers=workers, shard_tokens=1000)
         outputs.append(folder_bytes(out))
-    assert outputs[0] == outputs[1]  # the same shards, byte for byte, and the same meta.json
+    assert outputs[0] == outputs[1] == outputs[2]  # the same shards, byte for byte, and the same meta.json
 
     # one in every four documents is held out, whole: the 4th, the 8th, ...
     for split, docs in (("train", [t for i, t in enumerate(texts) if i % 4 != 3]),
@@ -92,6 +95,19 @@ def test_every_document_gets_tiktokens_ids_and_a_separator_on_any_number_of_work
     tok = __import__("tokenizer").from_dict(prepare.read_meta(tmp_path / "chars")["tokenizer"])
     assert tok.decode(read_split(tmp_path / "chars", "val").tolist()) == "".join(texts[3::4])
     assert prepare.read_meta(tmp_path / "chars")["documents"] == meta["documents"]
+
+
+def test_workers_are_copies_of_this_process_only_when_nothing_else_runs_in_it():
+    """fork copies one thread: a process with another Python thread, or with torch's thread pools, gets fresh
+    interpreters instead (train.py prepares data with torch loaded)."""
+    def start_method(setup):
+        code = f"import threading, time, corpus; {setup}; print(corpus.worker_context().get_start_method())"
+        return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    assert start_method("pass") == ("fork" if sys.platform == "linux" else "spawn")
+    assert start_method("threading.Thread(target=time.sleep, args=(5,), daemon=True).start()") == "spawn"
+    assert start_method("import torch") == "spawn"
 
 
 @pytest.mark.parametrize("tokenizer", ["char", "bpe", "gpt2"])
