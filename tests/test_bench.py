@@ -144,8 +144,9 @@ def test_bench_tokenize_on_a_corpus_times_each_worker_count_and_a_killed_run(tmp
     lines = result.stdout.splitlines()
     assert lines[0].endswith("MB of documents, the best of 1 round(s)"), result.stdout
     assert "tiktoken, one process:" in lines[1] and re.search(r"ours, one process: .* MB/s, [\d.]+x tiktoken", lines[2])
-    assert lines[3].strip().startswith("prepare.py --workers=1:") and "the run that resumed it:" in lines[4]
-    for line in lines[3:]:  # the largest process is a Python with numpy and GPT-2's tables: tens of MiB, not a few
+    assert re.search(r"ours, two processes: .* MB/s, [\d.]+x ours in one", lines[3])
+    assert lines[4].strip().startswith("prepare.py --workers=1:") and "the run that resumed it:" in lines[5]
+    for line in lines[4:]:  # the largest process is a Python with numpy and GPT-2's tables: tens of MiB, not a few
         m = re.search(r"([\d.]+) s wall, +([\d.]+) MB/s \( *([\d.]+) MB/s past start-up\), largest process "
                       r"([\d,]+) MiB peak RSS", line)
         assert m and float(m[1]) > 0 and float(m[3]) >= float(m[2]) > 0 and int(m[4].replace(",", "")) > 20, line
