@@ -457,10 +457,10 @@ def gpt2_from_tiktoken(path):
     merges = []
     for rank, token in enumerate(tokens[256:], 256):
         parts = [token[i:i + 1] for i in range(len(token))]
-        pair_ranks = [ranks.get(token[i:i + 2], rank) for i in range(len(token) - 1)]  # rank: no earlier token
+        pair_ranks = [ranks.get(token[i:i + 2], rank) for i in range(len(token) - 1)]  # rank: no such token
         while len(parts) > 2:  # merge the earliest-learned adjacent pair (the leftmost of equals), as BPE does
             best = min(pair_ranks)
-            if best == rank:  # no earlier token joins any two parts
+            if best >= rank:  # no token learned before this one joins any two parts
                 break
             i = pair_ranks.index(best)
             parts[i:i + 2] = [parts[i] + parts[i + 1]]

@@ -306,6 +306,7 @@ SHOWN_BYTES = {c: i for i, c in enumerate(bytes_to_unicode().values())}  # a voc
     ("IQ== 5\n", "line 1 has rank 5, not 0"),
     (rank_file(BYTES[1:] + [b"ab"]), "first 256 tokens are not the 256 bytes"),
     (rank_file(BYTES + [b"abc"]), "token 256 is not a merge of two earlier tokens"),
+    (rank_file(BYTES + [b"abc", b"ab", b"bc"]), "token 256 is not a merge of two earlier tokens"),  # later ones
     (rank_file(BYTES + [b"ab"]), "holds a BPE vocabulary, but not GPT-2's"),
     ({"vocab.json": "[1, 2]", "merges.txt": "#version: 0.2\n"}, "is not a GPT-2 vocab.json"),
     ({"encoder.json": json.dumps(SHOWN_BYTES), "vocab.bpe": "#version: 0.2\nzz q\n"}, "see line 2"),
