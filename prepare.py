@@ -518,8 +518,12 @@ def main(args):
     for key, owner in (("vocab_size", "bpe"), ("gpt2_vocab", "gpt2")):
         if key in overridden and tokenizer != owner:
             raise UserError(f"--{key} only applies to --tokenizer={owner}; drop it or add --tokenizer={owner}")
-    prepare(input, tokenizer, data_dir, val_fraction, vocab_size, gpt2_vocab, text_field, workers, shard_tokens,
-            conversations)
+    try:
+        prepare(input, tokenizer, data_dir, val_fraction, vocab_size, gpt2_vocab, text_field, workers, shard_tokens,
+                conversations)
+    except KeyboardInterrupt:  # Ctrl-C: nothing half-written is ever read, and a corpus's finished shards are kept
+        print("\ninterrupted; run the same command again to go on (a corpus keeps its finished shards)", file=sys.stderr)
+        raise SystemExit(130)
 
 
 if __name__ == "__main__":

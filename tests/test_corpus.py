@@ -201,6 +201,40 @@ def test_a_run_killed_at_any_moment_and_run_again_writes_what_an_unbroken_run_do
     assert folder_bytes(tmp_path / "broken") == folder_bytes(tmp_path / "straight")
 
 
+INTERRUPTED_AT = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import corpus, prepare
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even if this test's caller ignores it
+original, calls = corpus.SplitWriter.append, []
+
+def append(*args):  # Ctrl-C, from the outside, while the 9th piece of ids is written
+    calls.append(1)
+    if len(calls) == 9:
+        os.kill(os.getpid(), signal.SIGINT)
+    return original(*args)
+
+corpus.SplitWriter.append = append
+prepare.main(sys.argv[1:])
+"""
+
+
+def test_ctrl_c_is_one_line_and_the_same_command_goes_on(tmp_path):
+    write_corpus(tmp_path / "in")
+    args = ["--input=in", "--tokenizer=bpe", "--vocab_size=300", "--shard_tokens=1500", "--workers=2"]
+    assert run_script("prepare.py", *args, "--data_dir=straight", cwd=tmp_path).returncode == 0
+    stopped = subprocess.run([sys.executable, "-c", INTERRUPTED_AT.format(root=ROOT), *args, "--data_dir=stopped"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert stopped.returncode == 130, stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    assert stopped.stderr.strip().splitlines()[-1] == ("interrupted; run the same command again to go on "
+                                                      "(a corpus keeps its finished shards)")
+    assert not (tmp_path / "stopped" / "meta.json").exists()
+    again = run_script("prepare.py", *args, "--data_dir=stopped", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert folder_bytes(tmp_path / "stopped") == folder_bytes(tmp_path / "straight")
+
+
 def test_a_damaged_finished_shard_is_written_again(tmp_path):
     write_corpus(tmp_path / "in")
     args = ["--input=in", "--tokenizer=char", "--shard_tokens=2000", "--data_dir=d"]
