@@ -32,7 +32,8 @@ class UserError(Exception):
 
 
 def script(main):
-    """Decorate a script's main(args): a UserError ends the program with `error: <message>` and exit code 1."""
+    """Decorate a script's main(args): a UserError ends the program with `error: <message>` and exit code 1, and
+    a Ctrl-C that the script does not handle itself with exit code 130 (the shell's code for it), no traceback."""
 
     @functools.wraps(main)
     def run(args):
@@ -40,6 +41,9 @@ def script(main):
             return main(args)
         except UserError as e:
             raise SystemExit(f"error: {e}") from None
+        except KeyboardInterrupt:
+            print(file=sys.stderr)  # past the ^C the terminal shows
+            raise SystemExit(130) from None
 
     return run
 

@@ -134,3 +134,13 @@ def test_a_script_turns_a_user_error_into_one_line_and_exit_code_1():
     with pytest.raises(SystemExit) as e:
         main(["0"])
     assert e.value.code == "error: --n_layer=0 must be at least 1"  # printed to stderr, exit status 1
+
+
+def test_a_script_ends_a_ctrl_c_it_does_not_handle_with_exit_code_130_and_no_traceback():
+    @configurator.script
+    def main(args):
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as e:
+        main([])
+    assert e.value.code == 130 and e.value.__suppress_context__
