@@ -54,7 +54,7 @@ def ended(process, cwd):
     after checking that no process aborted and none had to be killed."""
     try:
         stdout, stderr = process.communicate(timeout=240)
-    except subprocess.TimeoutExpired:  # a hang: end it, its processes first (each runs in a session of its own)
+    except subprocess.TimeoutExpired:  # a hang: kill the training processes (pid0, pid1 name them), then torchrun
         for pid_file in cwd.glob("pid*"):
             try:
                 os.kill(int(pid_file.read_text()), signal.SIGKILL)
