@@ -522,7 +522,8 @@ def main(args):
         prepare(input, tokenizer, data_dir, val_fraction, vocab_size, gpt2_vocab, text_field, workers, shard_tokens,
                 conversations)
     except KeyboardInterrupt:  # Ctrl-C: nothing half-written is ever read, and a corpus's finished shards are kept
-        print("\ninterrupted; run the same command again to go on (a corpus keeps its finished shards)", file=sys.stderr)
+        print("\ninterrupted; run the same command again to go on (a corpus keeps its finished shards)",
+              file=sys.stderr)
         raise SystemExit(130)
 
 
