@@ -23,9 +23,10 @@ import time
 import pytest
 import torch
 
-from conftest import oracle, run_script  # first: it puts the project on sys.path, also for the script
+from conftest import ROOT, oracle, run_script  # first: it puts the project on sys.path, also for the script
 
 import chat
+import web
 import configurator
 from generate import generate, load_for_sampling
 from gpt import GPT, GPTConfig
@@ -80,7 +81,7 @@ def serving(path, *settings):
     model, tok = load_for_sampling(path, "cpu", "float32")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a model this small runs fastest on one thread, and the tests share the cores
-    server = chat.Server(("127.0.0.1", 0), model, tok)
+    server = web.Server(("127.0.0.1", 0), model, tok, chat.settings())
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         yield dict(port=server.server_port, path=path, model=model, tok=tok)
@@ -133,6 +134,30 @@ def health(port):
     status, _, body = get(port, "/api/health")
     assert status == 200
     return json.loads(body)
+
+
+def test_the_real_chat_py_web_serves_with_the_settings_its_command_line_gave(tmp_path):
+    """`python chat.py --web` runs chat.py as __main__, and web.py's server takes the settings from it: a length
+    above the default --max_length of 2000 is accepted when --max_length allows it, and the limits say so."""
+    import subprocess
+
+    path = tiny_checkpoint(tmp_path / "tiny.pt")
+    server = subprocess.Popen([sys.executable, os.path.join(ROOT, "chat.py"), "--web", "--port=0", "--device=cpu",
+                               f"--init_from={path}", "--max_length=2500", "--max_prompt=50", "--temperature=0.5"],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        lines = [server.stdout.readline(), server.stdout.readline()]
+        port = int(re.search(r"serving http://127.0.0.1:(\d+)/", lines[1])[1])
+        info = json.loads(get(port, "/api/model")[2])
+        assert info["limits"] == {"max_prompt": 50, "max_length": 2500, "max_streams": 32}
+        assert info["defaults"]["temperature"] == 0.5 and info["init_from"] == str(path) and str(path) in lines[0]
+        got = events(post(port, {"prompt": "abc", "length": 2100, "seed": 1}))
+        assert got[-1]["done"] and got[-1]["tokens"] == 2100
+        response = post(port, {"prompt": "abc", "length": 2501})
+        assert response.status == 400 and "from 1 to 2500" in json.loads(response.read())["error"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 # -----------------------------------------------------------------------------
@@ -349,7 +374,7 @@ def test_the_page_shows_a_models_markup_as_the_text_it_is(tmp_path, browser):
     model, tok = load_for_sampling(markup_checkpoint(tmp_path / "markup.pt"), "cpu", "float32")
     expected = tok.decode(reference(model, tok, "<", 300, seed=7, temperature=1.0))
     assert len(re.findall("<[a-z/!]", expected)) > 100  # tags and comments, to HTML
-    server = chat.Server(("127.0.0.1", 0), model, tok)
+    server = web.Server(("127.0.0.1", 0), model, tok, chat.settings())
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         element = open_page(browser, f"http://127.0.0.1:{server.server_port}/", "<", 300)

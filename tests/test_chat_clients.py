@@ -20,6 +20,7 @@ import conftest  # noqa: F401 (first: it puts the project on sys.path)
 from test_chat import events, health, post, reference, served, tiny_checkpoint  # noqa: F401 (served: a fixture)
 
 import chat
+import web
 import configurator
 import generate
 from configurator import UserError
@@ -123,7 +124,7 @@ def test_generate_py_chat_py_and_the_api_allow_the_same_values_in_the_same_words
     (MemoryError(), 0),
 ])
 def test_a_generation_that_fails_tells_its_client_and_the_others_go_on(served, monkeypatch, error, after):
-    real, tok, port = chat.sample_next, served["tok"], served["port"]
+    real, tok, port = web.sample_next, served["tok"], served["port"]
     drawn = []
 
     def failing(logits, temperature, top_k, top_p, generator):  # the sampler, failing for the generation of seed
@@ -133,7 +134,7 @@ def test_a_generation_that_fails_tells_its_client_and_the_others_go_on(served, m
                 raise error
         return real(logits, temperature, top_k, top_p, generator)
 
-    monkeypatch.setattr(chat, "sample_next", failing)
+    monkeypatch.setattr(web, "sample_next", failing)
     before = health(port)
     other = post(port, {"prompt": "abc", "length": 300, "seed": 1})  # a generation running beside it
     got = events(post(port, {"prompt": "fail", "length": 300, "seed": 99}))  # the seed, `after` tokens, the error
@@ -172,7 +173,7 @@ def test_clients_at_once_each_stream_exactly_what_generate_py_makes_for_their_pr
 
 def test_a_forward_pass_that_fails_ends_the_generations_in_it_with_an_error_and_the_server_goes_on(served,
                                                                                                  monkeypatch):
-    real, port, failed = chat.Batch.logits, served["port"], []
+    real, port, failed = web.Batch.logits, served["port"], []
 
     def logits(batch):
         if not failed and len(batch.contexts) == 2:  # once, when two generations share the pass
@@ -180,7 +181,7 @@ def test_a_forward_pass_that_fails_ends_the_generations_in_it_with_an_error_and_
             raise RuntimeError("out of memory")
         return real(batch)
 
-    monkeypatch.setattr(chat.Batch, "logits", logits)
+    monkeypatch.setattr(web.Batch, "logits", logits)
     before = health(port)
     first = post(port, {"prompt": "abc", "length": 400, "seed": 1})
     time.sleep(0.2)
@@ -201,7 +202,7 @@ def kill(thread):
 def own_server(tmp_path):
     """A server of its own for a test that breaks it."""
     model, tok = served_model(tmp_path)
-    server = chat.Server(("127.0.0.1", 0), model, tok)
+    server = web.Server(("127.0.0.1", 0), model, tok, chat.settings())
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield server
     server.shutdown()
@@ -382,8 +383,8 @@ def test_every_error_answer_is_one_line_of_json(served, data, status):
 
 def test_a_burst_of_connections_waits_to_be_accepted_rather_than_being_dropped(tmp_path):
     model, tok = served_model(tmp_path)
-    server = chat.Server(("127.0.0.1", 0), model, tok)  # listening, but accepting nothing yet
-    assert server.request_queue_size >= max(128, 2 * chat.max_streams)  # as chat.py's docstring promises
+    server = web.Server(("127.0.0.1", 0), model, tok, chat.settings())  # listening, but accepting nothing yet
+    assert server.request_queue_size >= max(128, 2 * chat.max_streams)  # as web.py's Server promises
     clients = []
     try:
         for _ in range(server.request_queue_size):  # one dropped would wait for a retry that never comes

@@ -16,6 +16,7 @@ from test_chat import INJECTION, PRINTABLE, browser, events, get, health, open_p
 from test_chat import serving, tiny_checkpoint
 
 import chat
+import web
 from generate import generate, load_for_sampling
 from gpt import GPT, GPTConfig
 from tokenizer import CharTokenizer, ChatTokenizer
@@ -260,14 +261,14 @@ def test_the_page_takes_turns_sends_the_conversation_and_shows_each_reply_as_tex
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
-    prompts, stream = [], chat.Handler.stream
+    prompts, stream = [], web.Handler.stream
 
     def recording(handler, ids, settings, dropped=None):
         if handler.server.server_port == server["port"]:  # not a request still running on another test's server
             prompts.append(ids)
         return stream(handler, ids, settings, dropped)
 
-    monkeypatch.setattr(chat.Handler, "stream", recording)
+    monkeypatch.setattr(web.Handler, "stream", recording)
     with serving(replying(tmp_path / "hi.pt", "hi!", block_size=128), "--max_length=64") as server:
         tok = server["tok"]
         element = open_page(browser, f"http://127.0.0.1:{server['port']}/", "", 10)
